@@ -1,0 +1,131 @@
+//! Items used by code that `#[stem::task]` generates. Not public API: no
+//! stability promise, may change in any release.
+
+pub use inventory;
+pub use serde;
+pub use serde_json;
+pub use serde_json::value::RawValue;
+
+pub use crate::builder::{Signature, TaskBuilder};
+pub use crate::client::Stem;
+pub use crate::context::{Context, State};
+pub use crate::error::StemError;
+pub use crate::handle::TaskHandle;
+pub use crate::registry::{
+    DecodeError, HandlerError, HandlerFuture, HandlerResult, StateRequirement, TaskEntry,
+};
+pub use crate::retry::Backoff;
+pub use crate::task::{DeliveryMode, RateLimit, Task, TaskOptions};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Decodes a task's `Args` from the envelope's JSON.
+///
+/// # Errors
+/// [`DecodeError`] naming the type and serde's message.
+pub fn decode_args<A: DeserializeOwned>(raw: &RawValue) -> Result<A, DecodeError> {
+    serde_json::from_str(raw.get()).map_err(|e| DecodeError {
+        args_type: std::any::type_name::<A>(),
+        reason: e.to_string(),
+    })
+}
+
+/// Encodes a handler's output.
+///
+/// # Errors
+/// A failure when the output does not serialize (e.g. a map with non-string keys).
+pub fn encode_output<T: Serialize>(output: &T) -> HandlerResult {
+    serde_json::value::to_raw_value(output).map_err(|e| {
+        HandlerError::new(
+            crate::backend::FailureKind::Error,
+            std::any::type_name::<T>(),
+            format!("the task's output could not be serialized: {e}"),
+        )
+    })
+}
+
+/// Maps a handler's error value, keeping its message and type name.
+pub fn map_error<E: std::fmt::Display + 'static>(err: &E) -> HandlerError {
+    HandlerError::from_error(err)
+}
+
+/// Fetches an injected `State<T>` (the worker checked at start that it exists).
+///
+/// # Errors
+/// A failure naming the type if it is missing after all.
+pub fn state<T: Send + Sync + 'static>(ctx: &Context) -> Result<State<T>, HandlerError> {
+    ctx.state::<T>().ok_or_else(|| {
+        HandlerError::new(
+            crate::backend::FailureKind::Fatal,
+            "stem::State",
+            format!(
+                "the worker has no `State<{}>`: add `.state(value)` to the worker builder",
+                std::any::type_name::<T>()
+            ),
+        )
+    })
+}
+
+/// A `TypeId` getter for [`StateRequirement`].
+#[must_use]
+pub fn type_id_of<T: 'static>() -> std::any::TypeId {
+    std::any::TypeId::of::<T>()
+}
+
+/// Runs a future on the blocking thread pool (for `blocking = true`).
+pub fn run_blocking<F>(fut: F) -> HandlerFuture
+where
+    F: std::future::Future<Output = HandlerResult> + Send + 'static,
+{
+    Box::pin(async move {
+        let handle = tokio::runtime::Handle::current();
+        match tokio::task::spawn_blocking(move || handle.block_on(fut)).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(HandlerError::new(
+                crate::backend::FailureKind::Error,
+                "tokio::task::JoinError",
+                e.to_string(),
+            )),
+        }
+    })
+}
+
+/// Implemented for every type a task parameter may have.
+#[diagnostic::on_unimplemented(
+    message = "task parameter type `{Self}` cannot be sent through a broker",
+    label = "this parameter must be `Serialize + DeserializeOwned + Send + 'static`",
+    note = "derive `serde::Serialize` and `serde::Deserialize` for it, and use owned types (`String`, not `&str`)"
+)]
+pub trait TaskArg: Serialize + DeserializeOwned + Send + 'static {}
+impl<T: Serialize + DeserializeOwned + Send + 'static> TaskArg for T {}
+
+/// Implemented for every type a task may return.
+#[diagnostic::on_unimplemented(
+    message = "task output type `{Self}` cannot be stored as a result",
+    label = "the output must be `Serialize + DeserializeOwned + Send + 'static`",
+    note = "derive `serde::Serialize` and `serde::Deserialize` for it"
+)]
+pub trait TaskOutput: Serialize + DeserializeOwned + Send + 'static {}
+impl<T: Serialize + DeserializeOwned + Send + 'static> TaskOutput for T {}
+
+/// Implemented for every error type a task may return.
+#[diagnostic::on_unimplemented(
+    message = "task error type `{Self}` must implement `Display`",
+    label = "the `E` of `Result<T, E>` must be `Display + Send + 'static`",
+    note = "implement `std::fmt::Display` (e.g. with `thiserror`) so the message can be recorded"
+)]
+pub trait TaskErrorType: std::fmt::Display + Send + 'static {}
+impl<T: std::fmt::Display + Send + 'static> TaskErrorType for T {}
+
+/// Asserts `T: TaskArg` at the span of a parameter's type.
+pub const fn assert_arg<T: TaskArg>() {}
+/// Asserts `T: TaskOutput` at the span of the output type.
+pub const fn assert_output<T: TaskOutput>() {}
+/// Asserts `E: TaskErrorType` at the span of the error type.
+pub const fn assert_error<E: TaskErrorType>() {}
+/// Asserts `T: Send + Sync + 'static` for `State<T>`.
+pub const fn assert_state<T: Send + Sync + 'static>() {}
+/// Asserts that the task's future is `Send`.
+pub fn assert_send<F: std::future::Future + Send>(_: &F) {}

@@ -1,0 +1,270 @@
+//! The [`Stem`] client: a broker plus an optional result backend, and the
+//! process-wide default client that generated `enqueue` functions use.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::backend::{DEFAULT_REVOKE_TTL, ResultBackend, TaskRecord, TaskState};
+use crate::broker::{Broker, Published};
+use crate::envelope::{Envelope, TaskId};
+use crate::error::{ConfigError, StemError};
+use crate::url::{ConnectOptions, adapter_for, redact};
+
+/// Environment variable naming the broker URL.
+pub const ENV_BROKER_URL: &str = "STEM_BROKER_URL";
+/// Environment variable naming the result backend URL.
+pub const ENV_RESULT_BACKEND_URL: &str = "STEM_RESULT_BACKEND_URL";
+/// Environment variable naming the namespace.
+pub const ENV_NAMESPACE: &str = "STEM_NAMESPACE";
+/// The namespace used when none is set.
+pub const DEFAULT_NAMESPACE: &str = "stem";
+
+/// A client: where tasks are published and results read.
+///
+/// Cheap to clone (one `Arc`).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), stem_core::StemError> {
+/// let stem = stem_core::connect("memory://doc-client").await?;
+/// assert!(stem.backend().is_some());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Stem {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    broker: Arc<dyn Broker>,
+    backend: Option<Arc<dyn ResultBackend>>,
+    namespace: String,
+}
+
+impl std::fmt::Debug for Stem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stem")
+            .field("broker", &self.inner.broker.describe())
+            .field(
+                "backend",
+                &self.inner.backend.as_ref().map(|b| b.describe()),
+            )
+            .field("namespace", &self.inner.namespace)
+            .finish()
+    }
+}
+
+static DEFAULT_CLIENT: RwLock<Option<Stem>> = RwLock::new(None);
+static DEFAULT_INIT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+impl Stem {
+    /// A client over an explicit broker and optional result backend.
+    #[must_use]
+    pub fn new(broker: Arc<dyn Broker>, backend: Option<Arc<dyn ResultBackend>>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                broker,
+                backend,
+                namespace: namespace_from_env(),
+            }),
+        }
+    }
+
+    /// The broker.
+    #[must_use]
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.inner.broker
+    }
+
+    /// The result backend, if any.
+    #[must_use]
+    pub fn backend(&self) -> Option<&Arc<dyn ResultBackend>> {
+        self.inner.backend.as_ref()
+    }
+
+    /// The namespace.
+    #[must_use]
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// Makes this the client that `my_task::enqueue(..)` uses; replaces any
+    /// earlier default.
+    pub fn install_default(&self) {
+        let mut slot = DEFAULT_CLIENT
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *slot = Some(self.clone());
+    }
+
+    /// The installed default client, or one built from `STEM_BROKER_URL`.
+    ///
+    /// # Errors
+    /// [`StemError::NoDefaultClient`] when nothing is installed and the
+    /// variable is unset; a connect error otherwise.
+    pub async fn default_client() -> Result<Self, StemError> {
+        if let Some(c) = installed_default() {
+            return Ok(c);
+        }
+        let _guard = DEFAULT_INIT.lock().await;
+        if let Some(c) = installed_default() {
+            return Ok(c);
+        }
+        let url = match std::env::var(ENV_BROKER_URL) {
+            Ok(u) if !u.trim().is_empty() => u,
+            _ => match default_broker_url() {
+                Some(u) => u,
+                None => return Err(StemError::NoDefaultClient),
+            },
+        };
+        let client = connect(&url).await?;
+        client.install_default();
+        Ok(client)
+    }
+
+    /// Publishes one envelope; returns the id to track (the holder's id
+    /// when a unique key was already taken).
+    ///
+    /// # Errors
+    /// A validation or broker error.
+    pub async fn publish(&self, envelope: Envelope) -> Result<Published, StemError> {
+        envelope.validate()?;
+        Ok(self.inner.broker.publish(envelope).await?)
+    }
+
+    /// Publishes many envelopes in one broker call.
+    ///
+    /// # Errors
+    /// A validation or broker error.
+    pub async fn publish_many(&self, envelopes: Vec<Envelope>) -> Result<Vec<Published>, StemError> {
+        for e in &envelopes {
+            e.validate()?;
+        }
+        Ok(self.inner.broker.publish_many(envelopes).await?)
+    }
+
+    /// Revokes a task: a worker that receives it acks it without running it
+    /// and records `Revoked`.
+    ///
+    /// # Errors
+    /// [`StemError::NoResultBackend`], or a backend error.
+    pub async fn revoke(&self, id: TaskId) -> Result<(), StemError> {
+        let backend = self.backend().ok_or(StemError::NoResultBackend)?;
+        backend.revoke(id, DEFAULT_REVOKE_TTL).await?;
+        let mut rec = TaskRecord::new(id, TaskState::Revoked);
+        rec.ttl = DEFAULT_REVOKE_TTL;
+        backend.store(rec).await?;
+        Ok(())
+    }
+
+    /// A task's current state; `Pending` when nothing is recorded yet.
+    ///
+    /// # Errors
+    /// [`StemError::NoResultBackend`], or a backend error.
+    pub async fn state(&self, id: TaskId) -> Result<TaskState, StemError> {
+        let backend = self.backend().ok_or(StemError::NoResultBackend)?;
+        Ok(backend
+            .get(id)
+            .await?
+            .map_or(TaskState::Pending, |r| r.state))
+    }
+
+    /// Waits for a task's record to be terminal.
+    ///
+    /// # Errors
+    /// [`StemError::NoResultBackend`], or a backend error.
+    pub async fn wait_record(
+        &self,
+        id: TaskId,
+        timeout: Duration,
+    ) -> Result<Option<TaskRecord>, StemError> {
+        let backend = self.backend().ok_or(StemError::NoResultBackend)?;
+        Ok(backend.wait(id, timeout).await?)
+    }
+}
+
+fn installed_default() -> Option<Stem> {
+    DEFAULT_CLIENT
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+/// The URL used when `STEM_BROKER_URL` is unset: none yet (the embedded
+/// SQLite default arrives with the SQLite adapter).
+fn default_broker_url() -> Option<String> {
+    None
+}
+
+/// The namespace from `STEM_NAMESPACE`, or `stem`.
+#[must_use]
+pub fn namespace_from_env() -> String {
+    std::env::var(ENV_NAMESPACE)
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned())
+}
+
+/// Connects a client: the broker named by `url`, and a result backend from
+/// `STEM_RESULT_BACKEND_URL`, or from the same URL when its adapter stores
+/// results too.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let err = stem_core::connect("nope://user:secret@host").await.unwrap_err();
+/// assert!(!err.to_string().contains("secret"));
+/// # }
+/// ```
+///
+/// # Errors
+/// [`ConfigError::UnknownScheme`] / [`ConfigError::BadUrl`], or the
+/// adapter's connect error.
+pub async fn connect(url: &str) -> Result<Stem, StemError> {
+    let namespace = namespace_from_env();
+    let backend_url = std::env::var(ENV_RESULT_BACKEND_URL)
+        .ok()
+        .filter(|s| !s.trim().is_empty());
+    connect_with(url, backend_url.as_deref(), &namespace).await
+}
+
+/// Like [`connect`] with an explicit backend URL (`None`: the broker's own
+/// when it has one) and namespace.
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_with(
+    broker_url: &str,
+    backend_url: Option<&str>,
+    namespace: &str,
+) -> Result<Stem, StemError> {
+    let adapter = adapter_for(broker_url)?;
+    let open_broker = adapter.broker.ok_or_else(|| ConfigError::BadUrl {
+        url: redact(broker_url),
+        reason: format!("the `{}` adapter is not a broker", adapter.scheme),
+    })?;
+    let opts = |url: &str| ConnectOptions {
+        url: url.to_owned(),
+        namespace: namespace.to_owned(),
+    };
+    let broker = open_broker(opts(broker_url)).await?;
+    let backend = match backend_url {
+        Some(u) => {
+            let a = adapter_for(u)?;
+            let open = a.backend.ok_or_else(|| ConfigError::BadUrl {
+                url: redact(u),
+                reason: format!("the `{}` adapter is not a result backend", a.scheme),
+            })?;
+            Some(open(opts(u)).await?)
+        }
+        None => match adapter.backend {
+            Some(open) => Some(open(opts(broker_url)).await?),
+            None => None,
+        },
+    };
+    Ok(Stem {
+        inner: Arc::new(Inner {
+            broker,
+            backend,
+            namespace: namespace.to_owned(),
+        }),
+    })
+}

@@ -1,0 +1,307 @@
+//! [`Context`], injected into a task that asks for it, and [`State`],
+//! shared values registered once on the worker.
+
+use std::any::{Any, TypeId};
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{ResultBackend, TaskRecord, TaskState};
+use crate::broker::{Broker, Receipt};
+use crate::client::Stem;
+use crate::envelope::{Envelope, TaskId};
+use crate::error::{BackendError, BrokerError};
+
+/// Shared state of one type, registered on the worker with
+/// `Worker::builder().state(value)` and injected into tasks that take a
+/// `State<T>` parameter.
+///
+/// ```
+/// let s = stem_core::State::new(String::from("pool"));
+/// assert_eq!(s.len(), 4);
+/// ```
+#[derive(Debug)]
+pub struct State<T: ?Sized>(pub Arc<T>);
+
+impl<T> State<T> {
+    /// Wraps a value.
+    pub fn new(value: T) -> Self {
+        Self(Arc::new(value))
+    }
+}
+
+impl<T: ?Sized> Clone for State<T> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
+}
+
+impl<T: ?Sized> Deref for State<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// The values a worker shares with its tasks, keyed by type.
+#[derive(Default, Clone)]
+pub struct StateMap {
+    values: HashMap<TypeId, (Arc<dyn Any + Send + Sync>, &'static str)>,
+}
+
+impl StateMap {
+    /// Adds (or replaces) the value of type `T`.
+    pub fn insert<T: Send + Sync + 'static>(&mut self, value: T) {
+        self.values.insert(
+            TypeId::of::<T>(),
+            (Arc::new(value), std::any::type_name::<T>()),
+        );
+    }
+
+    /// The value of type `T`, if registered.
+    #[must_use]
+    pub fn get<T: Send + Sync + 'static>(&self) -> Option<State<T>> {
+        let (v, _) = self.values.get(&TypeId::of::<T>())?;
+        Arc::clone(v).downcast::<T>().ok().map(State)
+    }
+
+    /// Whether a value with this type id is registered.
+    #[must_use]
+    pub fn contains(&self, id: TypeId) -> bool {
+        self.values.contains_key(&id)
+    }
+
+    /// The type names registered, for error messages.
+    #[must_use]
+    pub fn type_names(&self) -> Vec<&'static str> {
+        let mut v: Vec<_> = self.values.values().map(|(_, n)| *n).collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+impl std::fmt::Debug for StateMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.type_names()).finish()
+    }
+}
+
+/// What a running task knows about itself and can ask of the worker:
+/// id, attempt, headers, progress, lease extension, child tasks and
+/// cancellation.
+#[derive(Clone)]
+pub struct Context {
+    inner: Arc<ContextInner>,
+}
+
+struct ContextInner {
+    id: TaskId,
+    name: String,
+    queue: String,
+    attempt: u32,
+    max_retries: u32,
+    headers: BTreeMap<String, String>,
+    parent_id: Option<TaskId>,
+    group_id: Option<TaskId>,
+    delivery_count: u32,
+    receipt: Receipt,
+    broker: Arc<dyn Broker>,
+    backend: Option<Arc<dyn ResultBackend>>,
+    client: Option<Stem>,
+    states: Arc<StateMap>,
+    cancel: CancellationToken,
+    worker_id: String,
+}
+
+/// Everything a worker hands to [`Context::new`].
+#[allow(missing_debug_implementations)]
+pub struct ContextParts {
+    /// The delivered envelope.
+    pub envelope: Envelope,
+    /// Its lease.
+    pub receipt: Receipt,
+    /// Delivery count.
+    pub delivery_count: u32,
+    /// The broker it came from.
+    pub broker: Arc<dyn Broker>,
+    /// The result backend, if any.
+    pub backend: Option<Arc<dyn ResultBackend>>,
+    /// A client for child tasks.
+    pub client: Option<Stem>,
+    /// Shared state.
+    pub states: Arc<StateMap>,
+    /// Fired on revocation or when the shutdown grace ends.
+    pub cancel: CancellationToken,
+    /// The worker's id.
+    pub worker_id: String,
+}
+
+impl Context {
+    /// Builds a context (workers do this; tests may too).
+    #[must_use]
+    pub fn new(parts: ContextParts) -> Self {
+        let ContextParts {
+            envelope,
+            receipt,
+            delivery_count,
+            broker,
+            backend,
+            client,
+            states,
+            cancel,
+            worker_id,
+        } = parts;
+        Self {
+            inner: Arc::new(ContextInner {
+                id: envelope.id,
+                name: envelope.name,
+                queue: envelope.queue,
+                attempt: envelope.attempt + 1,
+                max_retries: envelope.max_retries,
+                headers: envelope.headers,
+                parent_id: envelope.parent_id,
+                group_id: envelope.group_id,
+                delivery_count,
+                receipt,
+                broker,
+                backend,
+                client,
+                states,
+                cancel,
+                worker_id,
+            }),
+        }
+    }
+
+    /// The task id.
+    #[must_use]
+    pub fn id(&self) -> TaskId {
+        self.inner.id
+    }
+
+    /// The task name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The queue it was delivered from.
+    #[must_use]
+    pub fn queue(&self) -> &str {
+        &self.inner.queue
+    }
+
+    /// This attempt's number, starting at 1.
+    #[must_use]
+    pub fn attempt(&self) -> u32 {
+        self.inner.attempt
+    }
+
+    /// Retries allowed after the first attempt.
+    #[must_use]
+    pub fn max_retries(&self) -> u32 {
+        self.inner.max_retries
+    }
+
+    /// How many times the broker has delivered this envelope.
+    #[must_use]
+    pub fn delivery_count(&self) -> u32 {
+        self.inner.delivery_count
+    }
+
+    /// All headers.
+    #[must_use]
+    pub fn headers(&self) -> &BTreeMap<String, String> {
+        &self.inner.headers
+    }
+
+    /// One header.
+    #[must_use]
+    pub fn header(&self, key: &str) -> Option<&str> {
+        self.inner.headers.get(key).map(String::as_str)
+    }
+
+    /// The task that enqueued this one.
+    #[must_use]
+    pub fn parent_id(&self) -> Option<TaskId> {
+        self.inner.parent_id
+    }
+
+    /// The group this task belongs to.
+    #[must_use]
+    pub fn group_id(&self) -> Option<TaskId> {
+        self.inner.group_id
+    }
+
+    /// The worker running it.
+    #[must_use]
+    pub fn worker_id(&self) -> &str {
+        &self.inner.worker_id
+    }
+
+    /// The shared value of type `T`, if the worker has one.
+    #[must_use]
+    pub fn state<T: Send + Sync + 'static>(&self) -> Option<State<T>> {
+        self.inner.states.get::<T>()
+    }
+
+    /// A client for enqueueing child tasks (their `parent_id` is set when
+    /// enqueued with `.parent(&ctx)`).
+    #[must_use]
+    pub fn client(&self) -> Option<&Stem> {
+        self.inner.client.as_ref()
+    }
+
+    /// Whether the task was asked to stop (revoked, or shutdown grace over).
+    #[must_use]
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.cancel.is_cancelled()
+    }
+
+    /// Resolves when the task is asked to stop.
+    pub async fn cancelled(&self) {
+        self.inner.cancel.cancelled().await;
+    }
+
+    /// Pushes this delivery's lease to now + `lease`. The worker already
+    /// keeps leases alive; call this only to ask for a longer one.
+    ///
+    /// # Errors
+    /// [`BrokerError::LeaseLost`] when the lease already expired.
+    pub async fn extend_lease(&self, lease: Duration) -> Result<(), BrokerError> {
+        self.inner
+            .broker
+            .extend_lease(&self.inner.receipt, lease)
+            .await
+    }
+
+    /// Records progress (any JSON value) on the task's `Started` record.
+    ///
+    /// # Errors
+    /// A backend error; `Ok(())` when there is no backend.
+    pub async fn progress(&self, progress: serde_json::Value) -> Result<(), BackendError> {
+        let Some(backend) = &self.inner.backend else {
+            return Ok(());
+        };
+        let mut rec = TaskRecord::new(self.inner.id, TaskState::Started);
+        rec.name = Some(self.inner.name.clone());
+        rec.attempts = self.inner.attempt;
+        rec.worker_id = Some(self.inner.worker_id.clone());
+        rec.group_id = self.inner.group_id;
+        rec.progress = Some(progress);
+        backend.store(rec).await.map(|_| ())
+    }
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("id", &self.inner.id)
+            .field("name", &self.inner.name)
+            .field("attempt", &self.inner.attempt)
+            .finish_non_exhaustive()
+    }
+}
