@@ -170,7 +170,7 @@ impl TaskRecord {
         if self.attempts < old.attempts {
             return false;
         }
-        !(matches!(self.state, TaskState::Pending) && !matches!(old.state, TaskState::Pending))
+        !matches!(self.state, TaskState::Pending) || matches!(old.state, TaskState::Pending)
     }
 
     /// When the record expires.
@@ -260,11 +260,8 @@ pub trait ResultBackend: Send + Sync + 'static {
 
     /// Waits until the record is terminal or `timeout` passes, returning the
     /// latest record seen; no polling faster than one tick (R2).
-    async fn wait(
-        &self,
-        id: TaskId,
-        timeout: Duration,
-    ) -> Result<Option<TaskRecord>, BackendError>;
+    async fn wait(&self, id: TaskId, timeout: Duration)
+    -> Result<Option<TaskRecord>, BackendError>;
 
     /// Creates a group (R4, R5).
     async fn create_group(&self, group: GroupSpec) -> Result<(), BackendError>;

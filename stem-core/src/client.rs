@@ -135,7 +135,10 @@ impl Stem {
     ///
     /// # Errors
     /// A validation or broker error.
-    pub async fn publish_many(&self, envelopes: Vec<Envelope>) -> Result<Vec<Published>, StemError> {
+    pub async fn publish_many(
+        &self,
+        envelopes: Vec<Envelope>,
+    ) -> Result<Vec<Published>, StemError> {
         for e in &envelopes {
             e.validate()?;
         }

@@ -45,7 +45,9 @@ pub enum EnvelopeError {
         reason: String,
     },
     /// A format version this worker does not read.
-    #[error("envelope format v{found} is not supported by this worker (it reads v1): upgrade the worker")]
+    #[error(
+        "envelope format v{found} is not supported by this worker (it reads v1): upgrade the worker"
+    )]
     Version {
         /// The version found.
         found: u32,
@@ -247,7 +249,9 @@ pub enum TaskError {
         task_id: TaskId,
     },
     /// The wait timed out; the task may still finish.
-    #[error("timed out after {waited:?} waiting for task {task_id}; it may still finish, wait again")]
+    #[error(
+        "timed out after {waited:?} waiting for task {task_id}; it may still finish, wait again"
+    )]
     Timeout {
         /// The task.
         task_id: TaskId,

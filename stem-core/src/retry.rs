@@ -97,7 +97,11 @@ impl Retry {
 
 impl fmt::Display for Retry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (retry requested after {:?})", self.message, self.after)
+        write!(
+            f,
+            "{} (retry requested after {:?})",
+            self.message, self.after
+        )
     }
 }
 
@@ -212,7 +216,10 @@ mod tests {
     #[test]
     fn directives_are_found_in_boxes() {
         let r = Retry::after(Duration::from_secs(3), "later");
-        assert_eq!(directive_of(&r), RetryDirective::After(Duration::from_secs(3)));
+        assert_eq!(
+            directive_of(&r),
+            RetryDirective::After(Duration::from_secs(3))
+        );
         let boxed: Box<dyn StdError + Send + Sync> = Box::new(Fatal::new("no"));
         assert_eq!(directive_of(&boxed), RetryDirective::Fatal);
         assert_eq!(directive_of(&String::from("x")), RetryDirective::Policy);

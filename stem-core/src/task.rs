@@ -39,11 +39,17 @@ impl RateLimit {
     /// # Errors
     /// A message saying the expected form.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let err = || format!("invalid rate limit `{s}`: expected COUNT/UNIT such as \"100/s\", \"10/m\" or \"20/30s\"");
+        let err = || {
+            format!(
+                "invalid rate limit `{s}`: expected COUNT/UNIT such as \"100/s\", \"10/m\" or \"20/30s\""
+            )
+        };
         let (count, per) = s.split_once('/').ok_or_else(err)?;
         let count: u32 = count.trim().parse().map_err(|_| err())?;
         if count == 0 {
-            return Err(format!("invalid rate limit `{s}`: the count must be at least 1"));
+            return Err(format!(
+                "invalid rate limit `{s}`: the count must be at least 1"
+            ));
         }
         let per = match per.trim() {
             "s" => Duration::from_secs(1),

@@ -18,7 +18,8 @@ pub struct ConnectOptions {
 }
 
 /// Opens a broker from a URL.
-pub type BrokerOpener = fn(ConnectOptions) -> BoxFuture<'static, Result<Arc<dyn Broker>, StemError>>;
+pub type BrokerOpener =
+    fn(ConnectOptions) -> BoxFuture<'static, Result<Arc<dyn Broker>, StemError>>;
 /// Opens a result backend from a URL.
 pub type BackendOpener =
     fn(ConnectOptions) -> BoxFuture<'static, Result<Arc<dyn ResultBackend>, StemError>>;

@@ -1,1 +1,433 @@
-//! (in progress)
+//! The worker runtime: fetch, execute, complete, keep leases alive, retry,
+//! dead-letter, shut down gracefully.
+//!
+//! `stem::worker::run().await` is a complete worker binary's `main`; the
+//! [`Worker::builder`] is the programmatic form.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use stem_core::worker::Worker;
+//! let stem = stem_core::connect("memory://worker-doc").await?;
+//! let worker = Worker::builder()
+//!     .client(&stem)
+//!     .queues(["default"])
+//!     .concurrency(4)
+//!     .shutdown_grace(Duration::from_secs(5))
+//!     .build()
+//!     .await?;
+//! let handle = worker.start();
+//! handle.shutdown();
+//! let report = handle.join().await;
+//! assert_eq!(report.succeeded, 0);
+//! # Ok(()) }
+//! ```
+//!
+//! # Linking tasks
+//! Tasks are found through `inventory` at link time. A crate whose tasks
+//! are never referenced from the worker binary may be dropped by the
+//! linker, tasks and all: reference it (`use my_tasks as _;` is not
+//! enough on every platform; call anything in it, or name one of its
+//! tasks, e.g. `let _ = my_tasks::send_email::NAME;`). A worker that finds
+//! no task at all refuses to start and says so.
+
+mod completer;
+mod config;
+mod executor;
+mod fetcher;
+mod maintenance;
+mod rate;
+mod shutdown;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{WorkerArgs, WorkerConfig, default_worker_id, host_name};
+
+use crate::backend::ResultBackend;
+use crate::broker::Broker;
+use crate::client::Stem;
+use crate::context::StateMap;
+use crate::error::{ConfigError, StemError};
+use crate::registry::{RegistryError, TaskEntry};
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// The task registry is inconsistent.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// A setting is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The client could not be built.
+    #[error(transparent)]
+    Stem(#[from] StemError),
+    /// No tasks are linked into this binary.
+    #[error(
+        "no tasks are registered in this binary: define tasks with #[stem::task] in it, or reference the crate that defines them (e.g. `let _ = my_tasks::my_task::NAME;`) so the linker keeps it"
+    )]
+    NoTasks,
+    /// Flags could not be parsed.
+    #[error("{0}")]
+    Args(String),
+}
+
+/// Counters of what a worker did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerReport {
+    /// Attempts started.
+    pub started: u64,
+    /// Attempts that succeeded.
+    pub succeeded: u64,
+    /// Attempts that failed and were scheduled again.
+    pub retried: u64,
+    /// Tasks that failed for good.
+    pub failed: u64,
+    /// Deliveries moved to the dead-letter store.
+    pub dead_lettered: u64,
+    /// Revoked deliveries skipped.
+    pub revoked: u64,
+    /// Deliveries put back at shutdown without charging an attempt.
+    pub requeued: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    started: AtomicU64,
+    succeeded: AtomicU64,
+    retried: AtomicU64,
+    failed: AtomicU64,
+    dead_lettered: AtomicU64,
+    revoked: AtomicU64,
+    requeued: AtomicU64,
+}
+
+impl Counters {
+    fn report(&self) -> WorkerReport {
+        WorkerReport {
+            started: self.started.load(Ordering::Relaxed),
+            succeeded: self.succeeded.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            revoked: self.revoked.load(Ordering::Relaxed),
+            requeued: self.requeued.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What every part of a running worker shares.
+pub(crate) struct Runtime {
+    pub(crate) client: Stem,
+    pub(crate) broker: Arc<dyn Broker>,
+    pub(crate) backend: Option<Arc<dyn ResultBackend>>,
+    pub(crate) config: WorkerConfig,
+    pub(crate) states: Arc<StateMap>,
+    pub(crate) tasks: HashMap<&'static str, &'static TaskEntry>,
+    pub(crate) known_names: String,
+    pub(crate) slots: Arc<Semaphore>,
+    /// Stop fetching.
+    pub(crate) stop: CancellationToken,
+    /// Grace over: drop running tasks and requeue them.
+    pub(crate) abort: CancellationToken,
+    pub(crate) completions: mpsc::UnboundedSender<completer::Completion>,
+    pub(crate) tracker: TaskTracker,
+    pub(crate) counters: Arc<Counters>,
+    pub(crate) rates: rate::RateLimits,
+}
+
+/// Builds a [`Worker`].
+#[derive(Debug, Default)]
+pub struct WorkerBuilder {
+    client: Option<Stem>,
+    config: WorkerConfig,
+    states: StateMap,
+    prefetch_set: bool,
+}
+
+impl WorkerBuilder {
+    /// Uses `client` (default: the process's default client).
+    #[must_use]
+    pub fn client(mut self, client: &Stem) -> Self {
+        self.client = Some(client.clone());
+        self
+    }
+
+    /// Registers shared state, injected into tasks taking `State<T>`.
+    #[must_use]
+    pub fn state<T: Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.states.insert(value);
+        self
+    }
+
+    /// Queues to consume (default: every registered task's queue).
+    #[must_use]
+    pub fn queues<I, S>(mut self, queues: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config.queues = queues.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Tasks run at once.
+    #[must_use]
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.config.concurrency = n;
+        if !self.prefetch_set {
+            self.config.prefetch = n;
+        }
+        self
+    }
+
+    /// Deliveries claimed per fetch at most.
+    #[must_use]
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.config.prefetch = n;
+        self.prefetch_set = true;
+        self
+    }
+
+    /// Time in-flight tasks get to finish after shutdown is asked.
+    #[must_use]
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.config.shutdown_grace = grace;
+        self
+    }
+
+    /// Lease per delivery.
+    #[must_use]
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.config.lease = lease;
+        self
+    }
+
+    /// Longest a fetch waits for work.
+    #[must_use]
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.config.poll_interval = interval;
+        self
+    }
+
+    /// Heartbeat interval.
+    #[must_use]
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
+        self.config.heartbeat_interval = interval;
+        self
+    }
+
+    /// This worker's id.
+    #[must_use]
+    pub fn worker_id(mut self, id: impl Into<String>) -> Self {
+        self.config.worker_id = id.into();
+        self
+    }
+
+    /// Replaces the whole configuration.
+    #[must_use]
+    pub fn config(mut self, config: WorkerConfig) -> Self {
+        self.config = config;
+        self.prefetch_set = true;
+        self
+    }
+
+    /// Checks the registry and configuration and builds the worker.
+    ///
+    /// # Errors
+    /// Duplicate task names (both locations), a task needing state the
+    /// worker lacks, no tasks at all, bad settings, or no client.
+    pub async fn build(self) -> Result<Worker, WorkerError> {
+        self.config.validate()?;
+        let tasks = crate::registry::build_index(crate::registry::entries())?;
+        if tasks.is_empty() {
+            return Err(WorkerError::NoTasks);
+        }
+        crate::registry::check_states(tasks.values().copied(), &self.states)?;
+        let client = match self.client {
+            Some(c) => c,
+            None => Stem::default_client().await?,
+        };
+        let mut config = self.config;
+        if config.queues.is_empty() {
+            let set: BTreeSet<&str> = tasks.values().map(|t| t.options.queue).collect();
+            config.queues = set.into_iter().map(str::to_owned).collect();
+        }
+        Ok(Worker {
+            client,
+            config,
+            states: Arc::new(self.states),
+            tasks,
+        })
+    }
+}
+
+/// A configured worker, ready to [`run`](Worker::run) or [`start`](Worker::start).
+pub struct Worker {
+    client: Stem,
+    config: WorkerConfig,
+    states: Arc<StateMap>,
+    tasks: HashMap<&'static str, &'static TaskEntry>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<_> = self.tasks.keys().collect();
+        names.sort();
+        f.debug_struct("Worker")
+            .field("config", &self.config)
+            .field("tasks", &names)
+            .field("states", &self.states)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// A builder with default settings.
+    #[must_use]
+    pub fn builder() -> WorkerBuilder {
+        WorkerBuilder::default()
+    }
+
+    /// The configuration in force.
+    #[must_use]
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
+    /// Starts the worker in the background.
+    #[must_use]
+    pub fn start(self) -> WorkerHandle {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut names: Vec<&str> = self.tasks.keys().copied().collect();
+        names.sort_unstable();
+        let rt = Arc::new(Runtime {
+            broker: Arc::clone(self.client.broker()),
+            backend: self.client.backend().cloned(),
+            client: self.client,
+            slots: Arc::new(Semaphore::new(self.config.concurrency)),
+            rates: rate::RateLimits::new(self.tasks.values().copied()),
+            config: self.config,
+            states: self.states,
+            tasks: self.tasks,
+            known_names: names.join(", "),
+            stop: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            completions: tx,
+            tracker: TaskTracker::new(),
+            counters: Arc::new(Counters::default()),
+        });
+        let stop = rt.stop.clone();
+        let join = tokio::spawn(shutdown::supervise(rt, rx));
+        WorkerHandle { stop, join }
+    }
+
+    /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
+    ///
+    /// # Errors
+    /// Only if the signal handlers cannot be installed.
+    pub async fn run(self) -> Result<WorkerReport, WorkerError> {
+        self.run_until(shutdown::signal()).await
+    }
+
+    /// Runs until `signal` resolves, then shuts down gracefully.
+    ///
+    /// # Errors
+    /// None today; reserved for start-up failures.
+    pub async fn run_until<F>(self, signal: F) -> Result<WorkerReport, WorkerError>
+    where
+        F: std::future::Future<Output = ()> + Send,
+    {
+        let handle = self.start();
+        signal.await;
+        tracing::info!("shutdown requested: no new tasks; waiting for running ones");
+        handle.shutdown();
+        Ok(handle.join().await)
+    }
+}
+
+/// Controls a started worker.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    stop: CancellationToken,
+    join: tokio::task::JoinHandle<WorkerReport>,
+}
+
+impl WorkerHandle {
+    /// Asks the worker to stop: no new fetches; running tasks get the grace
+    /// period; what is left is requeued.
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    /// Waits for the worker to stop and returns what it did.
+    pub async fn join(self) -> WorkerReport {
+        match self.join.await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "worker supervisor ended abnormally");
+                WorkerReport::default()
+            }
+        }
+    }
+}
+
+/// Runs a worker configured from `STEM_*` variables and command-line flags
+/// until SIGINT/SIGTERM: the whole `main` of a worker binary.
+///
+/// ```no_run
+/// #[tokio::main]
+/// async fn main() -> Result<(), stem_core::worker::WorkerError> {
+///     stem_core::worker::run().await.map(|_| ())
+/// }
+/// ```
+///
+/// # Errors
+/// Bad flags or variables, registry problems, or a connect error.
+pub async fn run() -> Result<WorkerReport, WorkerError> {
+    let args = match WorkerArgs::try_parse_from(std::env::args_os()) {
+        Ok(a) => a,
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            e.exit()
+        }
+        Err(e) => return Err(WorkerError::Args(e.to_string())),
+    };
+    builder_from_args(&args).await?.build().await?.run().await
+}
+
+/// A builder configured from parsed flags/variables, connected to the
+/// broker they name (or the default client when they name none).
+///
+/// # Errors
+/// A connect error.
+pub async fn builder_from_args(args: &WorkerArgs) -> Result<WorkerBuilder, WorkerError> {
+    let mut config = WorkerConfig::default();
+    args.apply(&mut config);
+    let mut builder = Worker::builder().config(config);
+    if let Some(url) = &args.broker_url {
+        let namespace = args
+            .namespace
+            .clone()
+            .unwrap_or_else(crate::client::namespace_from_env);
+        let client =
+            crate::client::connect_with(url, args.result_backend_url.as_deref(), &namespace)
+                .await?;
+        builder = builder.client(&client);
+    }
+    Ok(builder)
+}
+
+use clap::Parser as _;

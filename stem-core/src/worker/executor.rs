@@ -1,0 +1,430 @@
+//! The executor: runs one delivery. Finds the task, decodes its arguments,
+//! keeps its lease alive, enforces its time limit, turns panics into
+//! failures, and decides between success, retry and dead letter.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::FutureExt;
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
+
+use super::Runtime;
+use super::completer::{Completion, Settle};
+use crate::backend::{FailureKind, TaskFailure, TaskRecord, TaskState};
+use crate::broker::{DeadLetterRequest, Delivery, Nack, Receipt};
+use crate::context::{Context, ContextParts};
+use crate::envelope::Envelope;
+use crate::error::BrokerError;
+use crate::registry::{HandlerError, HandlerResult, TaskEntry};
+use crate::retry::RetryDirective;
+use crate::task::DeliveryMode;
+
+/// How one run ended.
+enum Outcome {
+    Finished(HandlerResult),
+    Panicked(String),
+    TimedOut(Duration),
+    /// Shutdown grace over: requeue without charging an attempt.
+    Aborted,
+    /// Another consumer owns the delivery now.
+    LeaseLost,
+}
+
+pub(crate) async fn execute(rt: Arc<Runtime>, delivery: Delivery, permit: OwnedSemaphorePermit) {
+    let span = tracing::info_span!(
+        "stem.task",
+        task.name = %delivery.envelope.name,
+        task.id = %delivery.envelope.id,
+        task.attempt = delivery.envelope.attempt + 1,
+        task.queue = %delivery.envelope.queue,
+    );
+    run_delivery(&rt, delivery).instrument(span).await;
+    drop(permit);
+}
+
+async fn run_delivery(rt: &Arc<Runtime>, delivery: Delivery) {
+    let Delivery {
+        envelope,
+        receipt,
+        delivery_count,
+    } = delivery;
+    let started_at = Utc::now();
+    if envelope.expires_at.is_some_and(|t| t <= started_at) {
+        tracing::info!("task expired before it ran; dropped");
+        let failure = TaskFailure {
+            message: format!(
+                "expired at {} before a worker ran it",
+                envelope.expires_at.unwrap_or(started_at)
+            ),
+            type_name: String::from("stem::Expired"),
+            kind: FailureKind::Expired,
+        };
+        rt.counters.failed.fetch_add(1, Ordering::Relaxed);
+        let record = record(
+            rt,
+            &envelope,
+            envelope.attempt,
+            started_at,
+            TaskState::Failed { error: failure },
+        );
+        complete(rt, Some(receipt), Settle::Ack, record, &envelope);
+        return;
+    }
+    let Some(entry) = rt.tasks.get(envelope.name.as_str()).copied() else {
+        let reason = format!(
+            "unknown task name `{}`: no handler is registered for it in worker {} (it knows: {}); deploy a worker that links the task, then replay the dead letter",
+            envelope.name, rt.config.worker_id, rt.known_names
+        );
+        tracing::error!(%reason, "dead-lettering task");
+        dead_letter_now(
+            rt,
+            receipt,
+            envelope,
+            started_at,
+            reason,
+            None,
+            FailureKind::Decode,
+            "stem::UnknownTask",
+        );
+        return;
+    };
+    if let Some(wait) = rt.rates.acquire(entry.name) {
+        tracing::debug!(?wait, "rate limited; requeued");
+        let _ = rt.completions.send(Completion {
+            receipt: Some(receipt),
+            settle: Settle::Nack(Nack::after(wait)),
+            record: None,
+            group_id: None,
+        });
+        return;
+    }
+    let cancel = rt.abort.child_token();
+    let ctx = Context::new(ContextParts {
+        envelope: envelope.clone(),
+        receipt: receipt.clone(),
+        delivery_count,
+        broker: Arc::clone(&rt.broker),
+        backend: rt.backend.clone(),
+        client: Some(rt.client.clone()),
+        states: Arc::clone(&rt.states),
+        cancel: cancel.clone(),
+        worker_id: rt.config.worker_id.clone(),
+    });
+    let future = match (entry.handler)(ctx, &envelope.args) {
+        Ok(f) => f,
+        Err(e) => {
+            let reason = format!("undecodable arguments for task `{}`: {e}", envelope.name);
+            tracing::error!(%reason, "dead-lettering task");
+            dead_letter_now(
+                rt,
+                receipt,
+                envelope,
+                started_at,
+                reason,
+                Some(e.to_string()),
+                FailureKind::Decode,
+                "stem::DecodeError",
+            );
+            return;
+        }
+    };
+    let at_most_once = entry.options.delivery == DeliveryMode::AtMostOnce;
+    if at_most_once && let Err(e) = rt.broker.ack(&receipt).await {
+        tracing::warn!(error = %e, "at-most-once task could not be acked before running; not running it");
+        return;
+    }
+    let attempt = envelope.attempt + 1;
+    rt.counters.started.fetch_add(1, Ordering::Relaxed);
+    let _ = rt.completions.send(Completion::record(record(
+        rt,
+        &envelope,
+        attempt,
+        started_at,
+        TaskState::Started,
+    )));
+
+    let outcome = run_with_lease(rt, entry, &receipt, future, at_most_once).await;
+    let settle_receipt = if at_most_once { None } else { Some(receipt) };
+    match outcome {
+        Outcome::Finished(Ok(result)) => {
+            rt.counters.succeeded.fetch_add(1, Ordering::Relaxed);
+            let record = record(
+                rt,
+                &envelope,
+                attempt,
+                started_at,
+                TaskState::Succeeded { result },
+            );
+            let _ = rt.completions.send(Completion {
+                receipt: settle_receipt,
+                settle: Settle::Ack,
+                group_id: envelope.group_id,
+                record: Some(record),
+            });
+        }
+        Outcome::Finished(Err(err)) => {
+            fail(rt, settle_receipt, envelope, entry, started_at, err);
+        }
+        Outcome::Panicked(message) => {
+            tracing::error!(%message, "task panicked");
+            let err = HandlerError::new(FailureKind::Panic, "panic", message);
+            fail(rt, settle_receipt, envelope, entry, started_at, err);
+        }
+        Outcome::TimedOut(limit) => {
+            tracing::warn!(?limit, "task hit its time limit; future dropped");
+            let err = HandlerError::new(
+                FailureKind::Timeout,
+                "stem::Timeout",
+                format!(
+                    "exceeded the time limit of {}",
+                    humantime::format_duration(limit)
+                ),
+            );
+            fail(rt, settle_receipt, envelope, entry, started_at, err);
+        }
+        Outcome::Aborted => {
+            tracing::warn!("task stopped at the end of the shutdown grace; requeued");
+            rt.counters.requeued.fetch_add(1, Ordering::Relaxed);
+            if settle_receipt.is_some() {
+                let _ = rt.completions.send(Completion {
+                    receipt: settle_receipt,
+                    settle: Settle::Nack(Nack::after(Duration::ZERO)),
+                    record: None,
+                    group_id: None,
+                });
+            }
+        }
+        Outcome::LeaseLost => {
+            tracing::warn!(
+                "lease lost while running: another worker has the task now; stopped this run"
+            );
+        }
+    }
+}
+
+async fn run_with_lease(
+    rt: &Runtime,
+    entry: &TaskEntry,
+    receipt: &Receipt,
+    future: crate::registry::HandlerFuture,
+    at_most_once: bool,
+) -> Outcome {
+    let lease = entry.lease_or(rt.config.lease);
+    if !at_most_once
+        && lease > rt.config.lease
+        && let Err(e) = rt.broker.extend_lease(receipt, lease).await
+    {
+        tracing::warn!(error = %e, "could not extend the lease to the task's own");
+    }
+    let guarded = AssertUnwindSafe(future).catch_unwind();
+    let timed = async {
+        match entry.options.timeout {
+            Some(limit) => match tokio::time::timeout(limit, guarded).await {
+                Ok(r) => r.map(Some),
+                Err(_) => Ok(None),
+            },
+            None => guarded.await.map(Some),
+        }
+    };
+    tokio::pin!(timed);
+    let period = (lease / 3).max(Duration::from_millis(20));
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = rt.abort.cancelled() => return Outcome::Aborted,
+            r = &mut timed => {
+                return match r {
+                    Ok(Some(result)) => Outcome::Finished(result),
+                    Ok(None) => Outcome::TimedOut(entry.options.timeout.unwrap_or_default()),
+                    Err(payload) => Outcome::Panicked(panic_message(payload.as_ref())),
+                };
+            }
+            _ = keepalive.tick(), if !at_most_once => {
+                match rt.broker.extend_lease(receipt, lease).await {
+                    Ok(()) => {}
+                    Err(BrokerError::LeaseLost { .. }) => return Outcome::LeaseLost,
+                    Err(e) => tracing::warn!(error = %e, "could not extend lease; will retry"),
+                }
+            }
+        }
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        String::from("panic with a non-string payload")
+    }
+}
+
+/// A failed attempt: retry, or fail for good (dead letter).
+fn fail(
+    rt: &Runtime,
+    receipt: Option<Receipt>,
+    envelope: Envelope,
+    entry: &TaskEntry,
+    started_at: DateTime<Utc>,
+    err: HandlerError,
+) {
+    let attempt = envelope.attempt + 1;
+    let failure = err.failure;
+    if receipt.is_none() {
+        // At-most-once: already acked, never retried.
+        rt.counters.failed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(error = %failure, "at-most-once task failed; not retried");
+        let record = record(
+            rt,
+            &envelope,
+            attempt,
+            started_at,
+            TaskState::Failed { error: failure },
+        );
+        complete(rt, None, Settle::Nothing, record, &envelope);
+        return;
+    }
+    let retry_delay = match err.directive {
+        RetryDirective::Fatal => None,
+        _ if attempt > envelope.max_retries => None,
+        RetryDirective::After(d) => Some(d),
+        RetryDirective::Policy => Some(entry.options.backoff.delay(attempt)),
+    };
+    match retry_delay {
+        Some(delay) => {
+            rt.counters.retried.fetch_add(1, Ordering::Relaxed);
+            let next_at =
+                Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
+            tracing::info!(error = %failure, retry_in = ?delay, "attempt failed; retrying");
+            let mut next = envelope.clone();
+            next.attempt = attempt;
+            next.last_error = Some(failure.to_string());
+            let record = record(
+                rt,
+                &envelope,
+                attempt,
+                started_at,
+                TaskState::Retrying {
+                    next_at,
+                    error: failure,
+                },
+            );
+            let _ = rt.completions.send(Completion {
+                receipt,
+                settle: Settle::Nack(Nack::after(delay).with_envelope(next)),
+                record: Some(record),
+                group_id: None,
+            });
+        }
+        None => {
+            rt.counters.failed.fetch_add(1, Ordering::Relaxed);
+            let reason = if err.directive == RetryDirective::Fatal {
+                String::from("failed with a fatal error; not retried")
+            } else {
+                format!(
+                    "retries exhausted: attempt {attempt} of {} failed",
+                    envelope.max_retries + 1
+                )
+            };
+            tracing::error!(error = %failure, %reason, "task failed; dead-lettering");
+            let mut last = envelope.clone();
+            last.attempt = attempt;
+            last.last_error = Some(failure.to_string());
+            let error_text = failure.to_string();
+            let record = record(
+                rt,
+                &envelope,
+                attempt,
+                started_at,
+                TaskState::Failed { error: failure },
+            );
+            let _ = rt.completions.send(Completion {
+                receipt,
+                settle: Settle::DeadLetter(DeadLetterRequest {
+                    reason,
+                    error: Some(error_text),
+                    envelope: Some(last),
+                }),
+                group_id: envelope.group_id,
+                record: Some(record),
+            });
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dead_letter_now(
+    rt: &Runtime,
+    receipt: Receipt,
+    envelope: Envelope,
+    started_at: DateTime<Utc>,
+    reason: String,
+    error: Option<String>,
+    kind: FailureKind,
+    type_name: &str,
+) {
+    rt.counters.failed.fetch_add(1, Ordering::Relaxed);
+    let failure = TaskFailure {
+        message: reason.clone(),
+        type_name: type_name.to_owned(),
+        kind,
+    };
+    let record = record(
+        rt,
+        &envelope,
+        envelope.attempt + 1,
+        started_at,
+        TaskState::Failed { error: failure },
+    );
+    let _ = rt.completions.send(Completion {
+        receipt: Some(receipt),
+        settle: Settle::DeadLetter(DeadLetterRequest {
+            reason,
+            error,
+            envelope: None,
+        }),
+        group_id: envelope.group_id,
+        record: Some(record),
+    });
+}
+
+fn complete(
+    rt: &Runtime,
+    receipt: Option<Receipt>,
+    settle: Settle,
+    record: TaskRecord,
+    envelope: &Envelope,
+) {
+    let _ = rt.completions.send(Completion {
+        receipt,
+        settle,
+        group_id: envelope.group_id,
+        record: Some(record),
+    });
+}
+
+fn record(
+    rt: &Runtime,
+    envelope: &Envelope,
+    attempts: u32,
+    started_at: DateTime<Utc>,
+    state: TaskState,
+) -> TaskRecord {
+    let mut rec = TaskRecord::new(envelope.id, state);
+    rec.name = Some(envelope.name.clone());
+    rec.attempts = attempts;
+    rec.worker_id = Some(rt.config.worker_id.clone());
+    rec.started_at = Some(started_at);
+    rec.group_id = envelope.group_id;
+    if let Some(secs) = envelope.result_ttl_secs {
+        rec.ttl = Duration::from_secs(secs);
+    }
+    rec
+}

@@ -1,0 +1,130 @@
+//! The fetcher: claims as many deliveries as there are free slots (up to
+//! the prefetch), filters revoked ones in one backend call, and hands each
+//! to an executor. It stops at shutdown and never drops a leased delivery.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use chrono::Utc;
+
+use super::Runtime;
+use super::completer::{Completion, Settle};
+use crate::backend::{TaskRecord, TaskState};
+use crate::broker::{Delivery, FetchRequest, Nack};
+
+pub(crate) async fn run(rt: Arc<Runtime>) {
+    let mut backoff = Duration::from_millis(50);
+    let mut req = FetchRequest {
+        queues: rt.config.queues.clone(),
+        max: 1,
+        lease: rt.config.lease,
+        wait: rt.config.poll_interval,
+        consumer: rt.config.worker_id.clone(),
+    };
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = rt.stop.cancelled() => break,
+            p = Arc::clone(&rt.slots).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let mut permits = vec![first];
+        while permits.len() < rt.config.prefetch {
+            match Arc::clone(&rt.slots).try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        req.max = permits.len();
+        let deliveries = match rt.broker.fetch(&req).await {
+            Ok(d) => {
+                backoff = Duration::from_millis(50);
+                d
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "fetch failed; retrying");
+                drop(permits);
+                tokio::select! {
+                    () = rt.stop.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        if deliveries.is_empty() {
+            continue;
+        }
+        if rt.stop.is_cancelled() {
+            requeue(&rt, deliveries);
+            break;
+        }
+        let revoked = revoked_flags(&rt, &deliveries).await;
+        for (delivery, is_revoked) in deliveries.into_iter().zip(revoked) {
+            let Some(permit) = permits.pop() else {
+                // The broker returned more than asked; put the rest back.
+                requeue(&rt, vec![delivery]);
+                continue;
+            };
+            if is_revoked {
+                skip_revoked(&rt, delivery);
+                continue;
+            }
+            rt.tracker
+                .spawn(super::executor::execute(Arc::clone(&rt), delivery, permit));
+        }
+    }
+    tracing::debug!("fetcher stopped");
+}
+
+fn requeue(rt: &Runtime, deliveries: Vec<Delivery>) {
+    for d in deliveries {
+        rt.counters.requeued.fetch_add(1, Ordering::Relaxed);
+        let _ = rt.completions.send(Completion {
+            receipt: Some(d.receipt),
+            settle: Settle::Nack(Nack::after(Duration::ZERO)),
+            record: None,
+            group_id: None,
+        });
+    }
+}
+
+async fn revoked_flags(rt: &Runtime, deliveries: &[Delivery]) -> Vec<bool> {
+    let Some(backend) = &rt.backend else {
+        return vec![false; deliveries.len()];
+    };
+    let ids: Vec<_> = deliveries.iter().map(|d| d.envelope.id).collect();
+    match backend.revoked(&ids).await {
+        Ok(flags) if flags.len() == ids.len() => flags,
+        Ok(_) => {
+            tracing::warn!(
+                "result backend answered a revocation check with the wrong count; running the tasks"
+            );
+            vec![false; deliveries.len()]
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not check revocations; running the tasks");
+            vec![false; deliveries.len()]
+        }
+    }
+}
+
+fn skip_revoked(rt: &Runtime, delivery: Delivery) {
+    tracing::info!(task_id = %delivery.envelope.id, task = %delivery.envelope.name, "task revoked; skipped");
+    rt.counters.revoked.fetch_add(1, Ordering::Relaxed);
+    let mut rec = TaskRecord::new(delivery.envelope.id, TaskState::Revoked);
+    rec.name = Some(delivery.envelope.name.clone());
+    rec.attempts = delivery.envelope.attempt;
+    rec.worker_id = Some(rt.config.worker_id.clone());
+    rec.group_id = delivery.envelope.group_id;
+    rec.updated_at = Utc::now();
+    let _ = rt.completions.send(Completion {
+        receipt: Some(delivery.receipt),
+        settle: Settle::Ack,
+        group_id: delivery.envelope.group_id,
+        record: Some(rec),
+    });
+}
