@@ -1,1 +1,321 @@
-//! (in progress)
+//! The adapter conformance kit: CONTRACT.md as tests.
+//!
+//! Every clause of the contract (B1..B18 for brokers, R1..R7 for result
+//! backends) is one public async function in [`broker`] or [`backend`]
+//! taking an [`AdapterFactory`]. An adapter's test file implements the
+//! factory and expands [`conformance_tests!`](crate::conformance_tests),
+//! which writes one `#[test]` per clause:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use stem_core::kit::{AdapterFactory, KitOptions};
+//! use stem_core::memory::{InMemoryBackend, InMemoryBroker, MemoryOptions};
+//! use stem_core::{Broker, ResultBackend};
+//!
+//! struct MemoryFactory;
+//!
+//! #[async_trait::async_trait]
+//! impl AdapterFactory for MemoryFactory {
+//!     fn name(&self) -> &'static str {
+//!         "memory"
+//!     }
+//!     async fn broker(&self, opts: &KitOptions) -> Arc<dyn Broker> {
+//!         Arc::new(self.memory(opts))
+//!     }
+//!     async fn backend(&self, opts: &KitOptions) -> Arc<dyn ResultBackend> {
+//!         Arc::new(InMemoryBackend::shared("kit", &opts.namespace))
+//!     }
+//!     async fn insert_garbage(&self, opts: &KitOptions, queue: &str, bytes: &[u8]) {
+//!         self.memory(opts).insert_raw(queue, bytes);
+//!     }
+//!     async fn cleanup(&self, opts: &KitOptions) {
+//!         stem_core::memory::forget_shared("kit", &opts.namespace);
+//!     }
+//! }
+//!
+//! impl MemoryFactory {
+//!     fn memory(&self, opts: &KitOptions) -> InMemoryBroker {
+//!         let options = MemoryOptions {
+//!             max_envelope_bytes: opts.max_envelope_bytes,
+//!             dead_letter_retention: opts.dead_letter_retention,
+//!         };
+//!         InMemoryBroker::shared("kit", &opts.namespace, options)
+//!     }
+//! }
+//!
+//! // In a test file: one #[test] per clause, named conformance::memory::b09_priority etc.
+//! mod conformance {
+//!     use super::*;
+//!     stem_core::conformance_tests!(memory, MemoryFactory);
+//! }
+//!
+//! // Or run one clause by hand:
+//! stem_core::kit::run(async { stem_core::kit::broker::b09_priority(&MemoryFactory).await });
+//! ```
+//!
+//! `cargo test memory::b09` then runs one clause on one adapter.
+//!
+//! # Rules the cases follow
+//!
+//! - Each case makes its own namespace (`kit_<adapter>_<clause>_<random>`),
+//!   so cases run in parallel, and calls [`AdapterFactory::cleanup`] at the
+//!   end, even when it fails.
+//! - Durations are short and real (leases of 300-500 ms, retention and TTLs
+//!   of 1 s); cases wait for conditions with a deadline rather than sleeping
+//!   a fixed time where the contract allows it.
+//! - A clause whose capability the adapter declares false prints exactly one
+//!   line, `SKIP <adapter> <clause>: <reason>`, and passes. B1 (durable),
+//!   B8 (delay), B9 (priority), B10 (many queues), B11 (broadcast), B15
+//!   (reconnect), B17 (unique) and B18 (server time) skip this way. B14 always
+//!   checks order and that a batch is at least as fast per envelope as single
+//!   publishes; only its atomicity half is skipped (with the same one line)
+//!   when `atomic_batch` is false. Cases that use delays or unique keys inside
+//!   other clauses (B12, B13) leave those parts out when the capability is off.
+//! - Test harness output is captured by `cargo test`; pass `--nocapture` to
+//!   see the SKIP lines.
+
+pub mod backend;
+pub mod broker;
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::FutureExt;
+
+use crate::backend::ResultBackend;
+use crate::broker::{Broker, DEFAULT_DEAD_LETTER_RETENTION};
+
+/// How long one conformance case may run before [`run`] fails it.
+pub const CASE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a case asks its factory for: where the adapter should keep its
+/// data and the limits to open it with.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct KitOptions {
+    /// The adapter's name ([`AdapterFactory::name`]).
+    pub adapter: &'static str,
+    /// The case, e.g. `b09` (or `b07_retention` for a case's second namespace).
+    pub case: String,
+    /// Unique per case: `kit_<adapter>_<case>_<random>`. Every key, table,
+    /// channel and result of the case lives under it.
+    pub namespace: String,
+    /// The envelope size limit to open the broker with (B16). 64 KiB.
+    pub max_envelope_bytes: usize,
+    /// How long dead letters are kept (B7): 7 days, 1 s in the retention case.
+    pub dead_letter_retention: Duration,
+}
+
+impl KitOptions {
+    /// Options for `case` on `adapter` with a fresh random namespace.
+    ///
+    /// ```
+    /// let a = stem_core::kit::KitOptions::new("memory", "b02");
+    /// let b = stem_core::kit::KitOptions::new("memory", "b02");
+    /// assert!(a.namespace.starts_with("kit_memory_b02_"));
+    /// assert_ne!(a.namespace, b.namespace);
+    /// ```
+    #[must_use]
+    pub fn new(adapter: &'static str, case: &str) -> Self {
+        let namespace = format!("kit_{adapter}_{case}_{:08x}", rand::random::<u32>());
+        Self {
+            adapter,
+            case: case.to_owned(),
+            namespace,
+            max_envelope_bytes: 64 * 1024,
+            dead_letter_retention: DEFAULT_DEAD_LETTER_RETENTION,
+        }
+    }
+
+    /// Sets the dead-letter retention.
+    #[must_use]
+    pub const fn dead_letter_retention(mut self, retention: Duration) -> Self {
+        self.dead_letter_retention = retention;
+        self
+    }
+}
+
+/// Builds an adapter's clients for the kit. Object-safe, so the cases take
+/// `&dyn AdapterFactory`; see the [module docs](self) for an implementation.
+#[async_trait]
+pub trait AdapterFactory: Send + Sync + 'static {
+    /// The adapter's name used in SKIP lines and test names, e.g. `memory`.
+    fn name(&self) -> &'static str;
+
+    /// A broker client on the storage of `opts.namespace`. Two calls with
+    /// the same namespace must see the same queues (for a server adapter:
+    /// two connections; for memory: the shared instance).
+    async fn broker(&self, opts: &KitOptions) -> Arc<dyn Broker>;
+
+    /// A result backend client on the storage of `opts.namespace`; two calls
+    /// see the same records.
+    async fn backend(&self, opts: &KitOptions) -> Arc<dyn ResultBackend>;
+
+    /// Writes bytes that are not an envelope straight into `queue`'s
+    /// storage, bypassing `publish` (B16).
+    async fn insert_garbage(&self, opts: &KitOptions, queue: &str, bytes: &[u8]);
+
+    /// Drops everything the namespace left behind; called at the end of
+    /// every case, passed or failed.
+    async fn cleanup(&self, opts: &KitOptions) {
+        let _ = opts;
+    }
+
+    /// B15 only: restarts the server (or drops every connection) and
+    /// returns once it is reachable again. `None`: this factory cannot, and
+    /// B15 is skipped.
+    async fn disrupt(&self, opts: &KitOptions) -> Option<()> {
+        let _ = opts;
+        None
+    }
+
+    /// B18 only: a broker client on `opts.namespace` whose process clock is
+    /// off by `skew`. `None`: the factory cannot fake a clock, and B18 checks
+    /// only what a correct clock can show.
+    async fn skewed_broker(
+        &self,
+        opts: &KitOptions,
+        skew: chrono::TimeDelta,
+    ) -> Option<Arc<dyn Broker>> {
+        let _ = (opts, skew);
+        None
+    }
+
+    /// The adapter's poll interval (CONTRACT.md "tick"); 0 for adapters
+    /// that never poll. Delays and waits are allowed this much lateness.
+    fn tick(&self) -> Duration {
+        Duration::from_millis(100)
+    }
+
+    /// Why a capability is missing, appended to the SKIP line, e.g.
+    /// `data lives in process memory` for `durable`. `capability` is the
+    /// [`Capabilities`](crate::Capabilities) field name.
+    fn why_not(&self, capability: &str) -> Option<&'static str> {
+        let _ = capability;
+        None
+    }
+}
+
+/// Runs one case on a fresh multi-threaded tokio runtime, failing it after
+/// [`CASE_TIMEOUT`]. The expansion of
+/// [`conformance_tests!`](crate::conformance_tests) calls this, so adapter
+/// crates need no tokio dev-dependency.
+///
+/// # Panics
+/// When the case fails or times out, or a runtime cannot be built.
+pub fn run<F: Future<Output = ()>>(case: F) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("cannot build a tokio runtime for the conformance case: {e}"));
+    rt.block_on(async {
+        if tokio::time::timeout(CASE_TIMEOUT, case).await.is_err() {
+            panic!("conformance case timed out after {CASE_TIMEOUT:?}");
+        }
+    });
+}
+
+/// Prints the one SKIP line of a clause.
+fn skip(f: &dyn AdapterFactory, clause: &str, missing: &str, capability: &str) {
+    match f.why_not(capability) {
+        Some(why) => eprintln!("SKIP {} {clause}: {missing}: {why}", f.name()),
+        None => eprintln!(
+            "SKIP {} {clause}: {missing} (the adapter declares `{capability}: false`)",
+            f.name()
+        ),
+    }
+}
+
+/// Runs a case body, then cleans up its namespaces whatever happened.
+async fn guarded(
+    f: &dyn AdapterFactory,
+    namespaces: &[&KitOptions],
+    body: impl Future<Output = ()>,
+) {
+    let outcome = AssertUnwindSafe(body).catch_unwind().await;
+    for opts in namespaces {
+        f.cleanup(opts).await;
+    }
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Polls `check` until it returns true, panicking with `what` after `within`.
+async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Expands to one `#[test]` per contract clause for an adapter, in a module
+/// named after it: `conformance_tests!(memory, MemoryFactory)` gives
+/// `memory::b01_durable_publish` ... `memory::r7_revocation`.
+///
+/// The second argument is an expression building the factory; it is
+/// evaluated inside the generated module (which starts with `use super::*;`)
+/// once per test. See the [`kit`](crate::kit) module docs for a complete
+/// example.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($adapter:ident, $factory:expr) => {
+        $crate::conformance_tests!(@cases $adapter, $factory;
+            broker::b01_durable_publish,
+            broker::b02_at_least_once,
+            broker::b03_exclusive_lease,
+            broker::b04_ack_final_and_fenced,
+            broker::b05_extend_lease,
+            broker::b06_nack_and_dead_letter,
+            broker::b07_dead_letters,
+            broker::b08_delay,
+            broker::b09_priority,
+            broker::b10_many_queues,
+            broker::b11_broadcast,
+            broker::b12_namespaces,
+            broker::b13_stats_and_purge,
+            broker::b14_batch,
+            broker::b15_reconnect,
+            broker::b16_bad_input,
+            broker::b17_unique,
+            broker::b18_server_time,
+            backend::r1_states,
+            backend::r2_wait,
+            backend::r3_expiry,
+            backend::r4_groups,
+            backend::r5_chords,
+            backend::r6_heartbeats,
+            backend::r7_revocation,
+        );
+    };
+    (@cases $adapter:ident, $factory:expr; $($module:ident :: $case:ident),* $(,)?) => {
+        mod $adapter {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[test]
+                fn $case() {
+                    let factory = $factory;
+                    $crate::kit::run(async move {
+                        $crate::kit::$module::$case(&factory).await;
+                    });
+                }
+            )*
+        }
+    };
+}

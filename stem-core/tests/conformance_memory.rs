@@ -1,0 +1,71 @@
+//! The adapter conformance kit against the in-memory adapter.
+//!
+//! `cargo test -p stem-core --test conformance_memory` runs every clause;
+//! `cargo test memory::b09` runs one. Add `-- --nocapture` to see the SKIP
+//! lines of the clauses memory cannot meet (B1, B15, B18).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use stem_core::kit::{AdapterFactory, KitOptions};
+use stem_core::memory::{InMemoryBackend, InMemoryBroker, MemoryOptions};
+use stem_core::{Broker, ResultBackend};
+
+/// The shared in-memory instance every client of a case opens.
+const INSTANCE: &str = "kit";
+
+/// Opens the shared `memory://kit` instance of a case's namespace.
+struct MemoryFactory;
+
+impl MemoryFactory {
+    fn memory(opts: &KitOptions) -> InMemoryBroker {
+        let options = MemoryOptions {
+            max_envelope_bytes: opts.max_envelope_bytes,
+            dead_letter_retention: opts.dead_letter_retention,
+        };
+        InMemoryBroker::shared(INSTANCE, &opts.namespace, options)
+    }
+}
+
+#[async_trait]
+impl AdapterFactory for MemoryFactory {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn broker(&self, opts: &KitOptions) -> Arc<dyn Broker> {
+        Arc::new(Self::memory(opts))
+    }
+
+    async fn backend(&self, opts: &KitOptions) -> Arc<dyn ResultBackend> {
+        Arc::new(InMemoryBackend::shared(INSTANCE, &opts.namespace))
+    }
+
+    async fn insert_garbage(&self, opts: &KitOptions, queue: &str, bytes: &[u8]) {
+        Self::memory(opts).insert_raw(queue, bytes);
+    }
+
+    async fn cleanup(&self, opts: &KitOptions) {
+        stem_core::memory::forget_shared(INSTANCE, &opts.namespace);
+    }
+
+    fn tick(&self) -> std::time::Duration {
+        // Memory never polls: waiters are woken directly.
+        std::time::Duration::ZERO
+    }
+
+    fn why_not(&self, capability: &str) -> Option<&'static str> {
+        match capability {
+            "durable" => Some("data lives in process memory"),
+            "reconnect" => Some("there is no connection to lose"),
+            "server_time" => Some("there is no server, only the process clock"),
+            _ => None,
+        }
+    }
+}
+
+mod conformance {
+    use super::*;
+
+    stem_core::conformance_tests!(memory, MemoryFactory);
+}
