@@ -1,0 +1,1048 @@
+//! [`InMemoryBroker`]: queues in process memory.
+//!
+//! One mutex guards an instance's queues, leases and unique keys; it is
+//! never held across an `.await`, and batch calls (`publish_many`,
+//! `ack_many`, a fetch of many) take it once. Waiting fetchers sleep on a
+//! [`Notify`] until something is published or requeued, or until the next
+//! delayed envelope or lease deadline, never polling.
+
+use std::cmp::{Ordering as CmpOrdering, Reverse};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeDelta, Utc};
+use futures::StreamExt;
+use tokio::sync::{Notify, broadcast};
+
+use super::MemoryOptions;
+use crate::broker::{
+    BroadcastMessage, BroadcastStream, Broker, Capabilities, DeadLetter, DeadLetterRequest,
+    Delivery, FetchRequest, Nack, Page, Published, QueueStats, Receipt, Replay,
+};
+use crate::envelope::{Envelope, MAX_PRIORITY, TaskId, UniqueRelease};
+use crate::error::BrokerError;
+
+/// Priority lanes per queue.
+const LANES: usize = MAX_PRIORITY as usize + 1;
+
+/// Messages a broadcast subscriber may fall behind before it skips some.
+const BROADCAST_CAPACITY: usize = 1024;
+
+/// A broker whose queues live in this process's memory.
+///
+/// Cheap to clone: clones share the same queues.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), stem_core::StemError> {
+/// use stem_core::{Broker, Envelope, FetchRequest};
+/// let broker = stem_core::memory::InMemoryBroker::new();
+/// let mut low = Envelope::new("demo::job", "jobs", serde_json::json!({"n": 1}))?;
+/// low.priority = 1;
+/// let mut high = Envelope::new("demo::job", "jobs", serde_json::json!({"n": 2}))?;
+/// high.priority = 9;
+/// broker.publish_many(vec![low, high.clone()]).await?;
+/// let got = broker.fetch(&FetchRequest::new(["jobs"], 1)).await?;
+/// assert_eq!(got[0].envelope.id, high.id);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct InMemoryBroker {
+    core: Arc<Core>,
+}
+
+impl std::fmt::Debug for InMemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InMemoryBroker")
+            .field("instance", &self.core.label)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for InMemoryBroker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InMemoryBroker {
+    /// A private broker with default [`MemoryOptions`].
+    #[must_use]
+    pub fn new() -> Self {
+        Self::with_options(MemoryOptions::default())
+    }
+
+    /// A private broker with `options`.
+    #[must_use]
+    pub fn with_options(options: MemoryOptions) -> Self {
+        Self {
+            core: Arc::new(Core::new(String::from("memory (private)"), options)),
+        }
+    }
+
+    /// The process-wide broker `name` in `namespace`, the one `memory://name`
+    /// opens. `options` apply only when this call creates the instance.
+    ///
+    /// ```
+    /// use stem_core::memory::{InMemoryBroker, MemoryOptions};
+    /// let a = InMemoryBroker::shared("doc-shared", "ns", MemoryOptions::default());
+    /// let b = InMemoryBroker::shared("doc-shared", "ns", MemoryOptions::default());
+    /// assert!(a.same_instance(&b));
+    /// ```
+    #[must_use]
+    pub fn shared(name: &str, namespace: &str, options: MemoryOptions) -> Self {
+        Self {
+            core: super::shared_broker_core(name, namespace, options),
+        }
+    }
+
+    /// Whether two brokers share their queues.
+    #[must_use]
+    pub fn same_instance(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.core, &other.core)
+    }
+
+    /// Test hook for "hand-written or corrupt storage" (contract clause
+    /// B16): stores `bytes` in `queue` as if something other than Stem had
+    /// written them there. When fetched, bytes that do not decode as an
+    /// envelope are moved to the queue's dead letters with the reason
+    /// `undecodable envelope: ...` and the raw text; bytes that do decode
+    /// are delivered like any envelope.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), stem_core::StemError> {
+    /// use stem_core::{Broker, FetchRequest, Page};
+    /// let broker = stem_core::memory::InMemoryBroker::new();
+    /// broker.insert_raw("jobs", b"{not json".to_vec());
+    /// assert!(broker.fetch(&FetchRequest::new(["jobs"], 1)).await?.is_empty());
+    /// let dead = broker.dead_letters("jobs", Page::first(10)).await?;
+    /// assert!(dead[0].reason.starts_with("undecodable envelope"));
+    /// assert_eq!(dead[0].raw.as_deref(), Some("{not json"));
+    /// # Ok(()) }
+    /// ```
+    pub fn insert_raw(&self, queue: &str, bytes: impl Into<Vec<u8>>) {
+        let entry = Entry {
+            payload: Payload::Raw(bytes.into()),
+            deliveries: 0,
+        };
+        {
+            let mut st = self.core.lock();
+            let q = st.queue_mut(queue);
+            q.lanes[0].push_back(entry);
+            q.ready += 1;
+        }
+        self.core.wake();
+    }
+
+    fn capabilities_const() -> Capabilities {
+        Capabilities {
+            durable: false,
+            delay: true,
+            priority: true,
+            many_queues: true,
+            broadcast: true,
+            atomic_batch: true,
+            reconnect: false,
+            unique: true,
+            server_time: false,
+        }
+    }
+}
+
+/// What a queue slot holds: an envelope, or bytes that may not be one.
+///
+/// The envelope is stored inline: boxing it would cost an allocation per
+/// task, while raw bytes only appear through the B16 test hook.
+#[allow(clippy::large_enum_variant)]
+enum Payload {
+    Envelope(Envelope),
+    Raw(Vec<u8>),
+}
+
+struct Entry {
+    payload: Payload,
+    /// Deliveries so far.
+    deliveries: u32,
+}
+
+impl Entry {
+    fn envelope(&self) -> Option<&Envelope> {
+        match &self.payload {
+            Payload::Envelope(e) => Some(e),
+            Payload::Raw(_) => None,
+        }
+    }
+}
+
+/// A delayed entry; ordered by (time, enqueue sequence).
+struct Delayed {
+    at: DateTime<Utc>,
+    seq: u64,
+    entry: Entry,
+}
+
+impl PartialEq for Delayed {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at && self.seq == other.seq
+    }
+}
+impl Eq for Delayed {}
+impl PartialOrd for Delayed {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Delayed {
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+struct Queue {
+    name: Arc<str>,
+    /// Ready entries, one FIFO per priority.
+    lanes: [VecDeque<Entry>; LANES],
+    /// Entries in all lanes.
+    ready: usize,
+    /// Entries waiting for their time, earliest first.
+    delayed: BinaryHeap<Reverse<Delayed>>,
+    /// Live leases on this queue.
+    leased: u64,
+    /// Dead letters, oldest first.
+    dead: VecDeque<DeadLetter>,
+}
+
+impl Queue {
+    fn new(name: Arc<str>) -> Self {
+        Self {
+            name,
+            lanes: std::array::from_fn(|_| VecDeque::new()),
+            ready: 0,
+            delayed: BinaryHeap::new(),
+            leased: 0,
+            dead: VecDeque::new(),
+        }
+    }
+
+    fn push_ready(&mut self, priority: u8, entry: Entry, front: bool) {
+        let lane = &mut self.lanes[usize::from(priority.min(MAX_PRIORITY))];
+        if front {
+            lane.push_front(entry);
+        } else {
+            lane.push_back(entry);
+        }
+        self.ready += 1;
+    }
+
+    fn pop_ready(&mut self) -> Option<Entry> {
+        if self.ready == 0 {
+            return None;
+        }
+        for lane in self.lanes.iter_mut().rev() {
+            if let Some(e) = lane.pop_front() {
+                self.ready -= 1;
+                return Some(e);
+            }
+        }
+        None
+    }
+
+    /// Moves delayed entries whose time has come to their lanes.
+    fn promote(&mut self, now: DateTime<Utc>) {
+        while let Some(Reverse(top)) = self.delayed.peek() {
+            if top.at > now {
+                break;
+            }
+            let Some(Reverse(d)) = self.delayed.pop() else {
+                break;
+            };
+            let priority = d.entry.envelope().map_or(0, |e| e.priority);
+            self.push_ready(priority, d.entry, false);
+        }
+    }
+
+    /// Drops dead letters older than the retention window.
+    fn prune_dead(&mut self, now: DateTime<Utc>, retention: TimeDelta) {
+        while self
+            .dead
+            .front()
+            .is_some_and(|d| d.dead_at + retention <= now)
+        {
+            self.dead.pop_front();
+        }
+    }
+}
+
+struct Lease {
+    task_id: TaskId,
+    deadline: Instant,
+    queue: Arc<str>,
+    envelope: Envelope,
+    deliveries: u32,
+}
+
+struct UniqueHold {
+    holder: TaskId,
+    until: DateTime<Utc>,
+}
+
+#[derive(Default)]
+struct State {
+    queues: HashMap<Arc<str>, Queue>,
+    /// Live leases by fencing token.
+    leases: HashMap<u64, Lease>,
+    /// Lease deadlines, earliest first; entries whose lease was acked or
+    /// extended are skipped when popped.
+    expiries: BinaryHeap<Reverse<(Instant, u64)>>,
+    unique: HashMap<String, UniqueHold>,
+    next_token: u64,
+    next_seq: u64,
+    /// Where the next many-queue fetch starts.
+    rotation: usize,
+}
+
+impl State {
+    fn queue_mut(&mut self, name: &str) -> &mut Queue {
+        if !self.queues.contains_key(name) {
+            let name: Arc<str> = Arc::from(name);
+            self.queues.insert(name.clone(), Queue::new(name));
+        }
+        self.queues
+            .get_mut(name)
+            .unwrap_or_else(|| unreachable!("queue inserted above"))
+    }
+
+    /// Puts an envelope in its queue: delayed when `not_before` is ahead.
+    fn enqueue(&mut self, env: Envelope, deliveries: u32, now: DateTime<Utc>) {
+        self.enqueue_at(env, deliveries, None, now);
+    }
+
+    fn enqueue_at(
+        &mut self,
+        env: Envelope,
+        deliveries: u32,
+        at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) {
+        let at = at.or(env.not_before).filter(|t| *t > now);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let priority = env.priority;
+        let queue_name = env.queue.clone();
+        let entry = Entry {
+            payload: Payload::Envelope(env),
+            deliveries,
+        };
+        let q = self.queue_mut(&queue_name);
+        match at {
+            Some(at) => q.delayed.push(Reverse(Delayed { at, seq, entry })),
+            None => q.push_ready(priority, entry, false),
+        }
+    }
+
+    /// Stores one checked envelope, honouring its unique key (B17).
+    fn insert(&mut self, env: Envelope, now: DateTime<Utc>) -> Published {
+        let id = env.id;
+        if let Some(u) = &env.unique {
+            if let Some(h) = self.unique.get(&u.key)
+                && h.until > now
+                && h.holder != id
+            {
+                return Published::Duplicate(h.holder);
+            }
+            if u.until > now {
+                self.unique.insert(
+                    u.key.clone(),
+                    UniqueHold {
+                        holder: id,
+                        until: u.until,
+                    },
+                );
+            }
+        }
+        self.enqueue(env, 0, now);
+        Published::Stored(id)
+    }
+
+    /// Frees `env`'s unique key if it holds it and `always` or the key is
+    /// released when the holder finishes.
+    fn release_unique(&mut self, env: &Envelope, always: bool) {
+        if let Some(u) = &env.unique
+            && (always || u.release == UniqueRelease::OnFinish)
+            && self.unique.get(&u.key).is_some_and(|h| h.holder == env.id)
+        {
+            self.unique.remove(&u.key);
+        }
+    }
+
+    /// Takes the unique key again for a replayed envelope, when it is free.
+    fn retake_unique(&mut self, env: &Envelope, now: DateTime<Utc>) {
+        if let Some(u) = &env.unique
+            && u.until > now
+            && self.unique.get(&u.key).is_none_or(|h| h.until <= now)
+        {
+            self.unique.insert(
+                u.key.clone(),
+                UniqueHold {
+                    holder: env.id,
+                    until: u.until,
+                },
+            );
+        }
+    }
+
+    /// Requeues every envelope whose lease has expired (B2).
+    fn rescue(&mut self, now: Instant) {
+        while let Some(Reverse((deadline, token))) = self.expiries.peek().copied() {
+            if deadline > now {
+                break;
+            }
+            self.expiries.pop();
+            let expired = self.leases.get(&token).is_some_and(|l| l.deadline <= now);
+            if !expired {
+                continue;
+            }
+            let Some(lease) = self.leases.remove(&token) else {
+                continue;
+            };
+            tracing::debug!(task_id = %lease.task_id, queue = %lease.queue, "lease expired; requeued");
+            let priority = lease.envelope.priority;
+            let q = self.queue_mut(&lease.queue);
+            q.leased = q.leased.saturating_sub(1);
+            q.push_ready(
+                priority,
+                Entry {
+                    payload: Payload::Envelope(lease.envelope),
+                    deliveries: lease.deliveries,
+                },
+                true,
+            );
+        }
+    }
+
+    /// Removes the lease behind `receipt`, or says it is lost (B4).
+    fn take_lease(&mut self, receipt: &Receipt) -> Result<Lease, BrokerError> {
+        match self.leases.get(&receipt.token) {
+            Some(l) if l.task_id == receipt.task_id => {}
+            _ => {
+                return Err(BrokerError::LeaseLost {
+                    task_id: receipt.task_id,
+                });
+            }
+        }
+        let lease = self
+            .leases
+            .remove(&receipt.token)
+            .unwrap_or_else(|| unreachable!("checked above"));
+        if let Some(q) = self.queues.get_mut(&*lease.queue) {
+            q.leased = q.leased.saturating_sub(1);
+        }
+        Ok(lease)
+    }
+
+    fn ack(&mut self, receipt: &Receipt) -> Result<(), BrokerError> {
+        let lease = self.take_lease(receipt)?;
+        self.release_unique(&lease.envelope, false);
+        Ok(())
+    }
+
+    /// The earliest time something may become deliverable in `queues`.
+    fn next_wake(
+        &self,
+        queues: &[String],
+        now_u: DateTime<Utc>,
+        now_i: Instant,
+    ) -> Option<Instant> {
+        let lease = self.expiries.peek().map(|Reverse((at, _))| *at);
+        let delayed = queues
+            .iter()
+            .filter_map(|name| self.queues.get(name.as_str()))
+            .filter_map(|q| q.delayed.peek().map(|Reverse(d)| d.at))
+            .min()
+            .map(|at| now_i + (at - now_u).to_std().unwrap_or(Duration::ZERO));
+        match (lease, delayed) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// One instance's storage, shared by its clients.
+pub(super) struct Core {
+    label: String,
+    options: MemoryOptions,
+    retention: TimeDelta,
+    state: Mutex<State>,
+    /// Woken when something may have become deliverable.
+    notify: Notify,
+    /// Fetchers waiting on `notify`.
+    waiting: AtomicUsize,
+    channels: Mutex<HashMap<String, broadcast::Sender<String>>>,
+}
+
+impl Core {
+    pub(super) fn new(label: String, options: MemoryOptions) -> Self {
+        Self {
+            label,
+            options,
+            retention: TimeDelta::from_std(options.dead_letter_retention).unwrap_or(TimeDelta::MAX),
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            waiting: AtomicUsize::new(0),
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Wakes waiting fetchers, if any.
+    fn wake(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// Validates and size-checks an envelope (B16).
+    fn check(&self, env: &Envelope) -> Result<(), BrokerError> {
+        env.validate()?;
+        let limit = self.options.max_envelope_bytes;
+        if encoded_size_bound(env) <= limit {
+            return Ok(());
+        }
+        let size = encoded_size(env);
+        if size > limit {
+            return Err(BrokerError::TooLarge {
+                task_id: env.id,
+                size,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    /// One pass of a fetch: leases what is ready now. Also returns when
+    /// something may become ready, for a fetcher that has to wait.
+    fn take(&self, req: &FetchRequest) -> (Vec<Delivery>, Option<Instant>) {
+        let now_i = Instant::now();
+        let now_u = Utc::now();
+        let mut st = self.lock();
+        st.rescue(now_i);
+        let n = req.queues.len();
+        let start = st.rotation % n;
+        st.rotation = st.rotation.wrapping_add(1);
+        let State {
+            queues,
+            leases,
+            expiries,
+            next_token,
+            ..
+        } = &mut *st;
+        for name in &req.queues {
+            if let Some(q) = queues.get_mut(name.as_str()) {
+                q.promote(now_u);
+            }
+        }
+        let mut out = Vec::with_capacity(req.max.min(1024));
+        let deadline = now_i + req.lease;
+        let mut woke_earlier = false;
+        'rounds: loop {
+            let mut progressed = false;
+            for i in 0..n {
+                if out.len() >= req.max {
+                    break 'rounds;
+                }
+                let Some(q) = queues.get_mut(req.queues[(start + i) % n].as_str()) else {
+                    continue;
+                };
+                let Some(entry) = q.pop_ready() else {
+                    continue;
+                };
+                progressed = true;
+                let envelope = match entry.payload {
+                    Payload::Envelope(e) => e,
+                    Payload::Raw(bytes) => match Envelope::decode(&bytes) {
+                        Ok(e) => e,
+                        Err(err) => {
+                            let reason = format!("undecodable envelope: {err}");
+                            tracing::warn!(queue = %q.name, %reason, "garbage in queue moved to dead letters");
+                            q.dead.push_back(DeadLetter {
+                                id: TaskId::new(),
+                                queue: q.name.to_string(),
+                                reason,
+                                error: None,
+                                dead_at: now_u,
+                                envelope: None,
+                                raw: Some(String::from_utf8_lossy(&bytes).into_owned()),
+                            });
+                            continue;
+                        }
+                    },
+                };
+                let token = *next_token;
+                *next_token += 1;
+                let deliveries = entry.deliveries.saturating_add(1);
+                if expiries
+                    .peek()
+                    .is_none_or(|Reverse((at, _))| deadline < *at)
+                {
+                    woke_earlier = true;
+                }
+                expiries.push(Reverse((deadline, token)));
+                q.leased += 1;
+                out.push(Delivery {
+                    envelope: envelope.clone(),
+                    receipt: Receipt {
+                        task_id: envelope.id,
+                        queue: q.name.to_string(),
+                        token,
+                        tag: String::new(),
+                    },
+                    delivery_count: deliveries,
+                });
+                leases.insert(
+                    token,
+                    Lease {
+                        task_id: envelope.id,
+                        deadline,
+                        queue: q.name.clone(),
+                        envelope,
+                        deliveries,
+                    },
+                );
+            }
+            if !progressed {
+                break;
+            }
+        }
+        let wake = if out.is_empty() {
+            st.next_wake(&req.queues, now_u, now_i)
+        } else {
+            None
+        };
+        drop(st);
+        if woke_earlier {
+            // A sleeping fetcher computed its wake-up from the old earliest
+            // lease deadline; this lease expires sooner.
+            self.wake();
+        }
+        (out, wake)
+    }
+}
+
+/// Decrements the waiting-fetcher count when a wait ends or is cancelled.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// An upper bound on an envelope's JSON size computed without encoding:
+/// the raw arguments as they are, every other string as if each byte needed
+/// a six-byte escape, and a fixed allowance for the field names, ids,
+/// timestamps and numbers. Only envelopes over the limit by this bound are
+/// encoded (into a counting writer) to get the exact size, so the common
+/// case costs a few additions instead of a serialization.
+fn encoded_size_bound(env: &Envelope) -> usize {
+    const FIXED: usize = 1024;
+    let s = |x: &str| x.len().saturating_mul(6).saturating_add(2);
+    let mut n = FIXED
+        .saturating_add(env.args.get().len())
+        .saturating_add(s(&env.name))
+        .saturating_add(s(&env.queue));
+    for (k, v) in &env.headers {
+        n = n
+            .saturating_add(s(k))
+            .saturating_add(s(v))
+            .saturating_add(2);
+    }
+    if let Some(u) = &env.unique {
+        n = n.saturating_add(s(&u.key));
+    }
+    if let Some(e) = &env.last_error {
+        n = n.saturating_add(s(e));
+    }
+    n
+}
+
+/// The exact size of `serde_json::to_vec(env)`, without the buffer.
+fn encoded_size(env: &Envelope) -> usize {
+    struct Counter(usize);
+    impl io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Counter(0);
+    match serde_json::to_writer(&mut c, env) {
+        Ok(()) => c.0,
+        // Valid envelopes always encode; treat the impossible as too large.
+        Err(_) => usize::MAX,
+    }
+}
+
+#[async_trait]
+impl Broker for InMemoryBroker {
+    fn describe(&self) -> String {
+        self.core.label.clone()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Self::capabilities_const()
+    }
+
+    async fn publish(&self, envelope: Envelope) -> Result<Published, BrokerError> {
+        self.core.check(&envelope)?;
+        let now = Utc::now();
+        let published = self.core.lock().insert(envelope, now);
+        if matches!(published, Published::Stored(_)) {
+            self.core.wake();
+        }
+        Ok(published)
+    }
+
+    async fn publish_many(&self, envelopes: Vec<Envelope>) -> Result<Vec<Published>, BrokerError> {
+        for e in &envelopes {
+            self.core.check(e)?;
+        }
+        let now = Utc::now();
+        let out: Vec<Published> = {
+            let mut st = self.core.lock();
+            envelopes.into_iter().map(|e| st.insert(e, now)).collect()
+        };
+        if !out.is_empty() {
+            self.core.wake();
+        }
+        Ok(out)
+    }
+
+    async fn fetch(&self, req: &FetchRequest) -> Result<Vec<Delivery>, BrokerError> {
+        if req.max == 0 || req.queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let until = Instant::now() + req.wait;
+        loop {
+            self.core.waiting.fetch_add(1, Ordering::SeqCst);
+            let waiting = Waiting(&self.core.waiting);
+            let notified = self.core.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (out, wake) = self.core.take(req);
+            if !out.is_empty() || Instant::now() >= until {
+                return Ok(out);
+            }
+            let wake = wake.map_or(until, |w| w.min(until));
+            let _ = tokio::time::timeout_at(wake.into(), notified).await;
+            drop(waiting);
+        }
+    }
+
+    async fn ack(&self, receipt: &Receipt) -> Result<(), BrokerError> {
+        self.core.lock().ack(receipt)
+    }
+
+    async fn ack_many(&self, receipts: &[Receipt]) -> Vec<Result<(), BrokerError>> {
+        let mut st = self.core.lock();
+        receipts.iter().map(|r| st.ack(r)).collect()
+    }
+
+    async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<(), BrokerError> {
+        let deadline = Instant::now() + lease;
+        let mut st = self.core.lock();
+        match st.leases.get_mut(&receipt.token) {
+            Some(l) if l.task_id == receipt.task_id => l.deadline = deadline,
+            _ => {
+                return Err(BrokerError::LeaseLost {
+                    task_id: receipt.task_id,
+                });
+            }
+        }
+        st.expiries.push(Reverse((deadline, receipt.token)));
+        Ok(())
+    }
+
+    async fn nack(&self, receipt: &Receipt, nack: Nack) -> Result<(), BrokerError> {
+        if let Some(e) = &nack.envelope {
+            self.core.check(e)?;
+            if e.id != receipt.task_id {
+                return Err(BrokerError::Invalid(format!(
+                    "the replacement envelope has id {} but the receipt is for task {}; keep the id",
+                    e.id, receipt.task_id
+                )));
+            }
+        }
+        let now = Utc::now();
+        {
+            let mut st = self.core.lock();
+            let lease = st.take_lease(receipt)?;
+            let mut env = nack.envelope.unwrap_or(lease.envelope);
+            if env.queue != *lease.queue {
+                env.queue = lease.queue.to_string();
+            }
+            let at = (!nack.after.is_zero())
+                .then(|| now + TimeDelta::from_std(nack.after).unwrap_or(TimeDelta::MAX));
+            // A zero delay means "now", even when the envelope's own
+            // `not_before` is still ahead.
+            if at.is_none() {
+                env.not_before = None;
+            }
+            st.enqueue_at(env, lease.deliveries, at, now);
+        }
+        self.core.wake();
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        receipt: &Receipt,
+        request: DeadLetterRequest,
+    ) -> Result<(), BrokerError> {
+        let now = Utc::now();
+        let mut st = self.core.lock();
+        let lease = st.take_lease(receipt)?;
+        let env = request.envelope.unwrap_or(lease.envelope);
+        st.release_unique(&env, false);
+        tracing::debug!(task_id = %env.id, queue = %lease.queue, reason = %request.reason, "dead-lettered");
+        st.queue_mut(&lease.queue).dead.push_back(DeadLetter {
+            id: receipt.task_id,
+            queue: lease.queue.to_string(),
+            reason: request.reason,
+            error: request.error,
+            dead_at: now,
+            envelope: Some(env),
+            raw: None,
+        });
+        Ok(())
+    }
+
+    async fn dead_letters(&self, queue: &str, page: Page) -> Result<Vec<DeadLetter>, BrokerError> {
+        let now = Utc::now();
+        let retention = self.core.retention;
+        let mut st = self.core.lock();
+        let Some(q) = st.queues.get_mut(queue) else {
+            return Ok(Vec::new());
+        };
+        q.prune_dead(now, retention);
+        let offset = usize::try_from(page.offset).unwrap_or(usize::MAX);
+        let limit = usize::try_from(page.limit).unwrap_or(usize::MAX);
+        Ok(q.dead.iter().skip(offset).take(limit).cloned().collect())
+    }
+
+    async fn dead_letter_count(&self, queue: &str) -> Result<u64, BrokerError> {
+        let now = Utc::now();
+        let retention = self.core.retention;
+        let mut st = self.core.lock();
+        let Some(q) = st.queues.get_mut(queue) else {
+            return Ok(0);
+        };
+        q.prune_dead(now, retention);
+        Ok(q.dead.len() as u64)
+    }
+
+    async fn replay_dead_letters(
+        &self,
+        queue: &str,
+        which: Replay,
+        reset_attempts: bool,
+    ) -> Result<u64, BrokerError> {
+        let now = Utc::now();
+        let retention = self.core.retention;
+        let replayed = {
+            let mut st = self.core.lock();
+            let Some(q) = st.queues.get_mut(queue) else {
+                return Ok(0);
+            };
+            q.prune_dead(now, retention);
+            let taken: Vec<DeadLetter> = match which {
+                Replay::One(id) => {
+                    let Some(pos) = q.dead.iter().position(|d| d.id == id) else {
+                        return Ok(0);
+                    };
+                    if q.dead[pos].envelope.is_none() {
+                        return Err(BrokerError::Invalid(format!(
+                            "dead letter {id} holds bytes that are not an envelope and cannot be replayed; inspect its `raw` text and purge it"
+                        )));
+                    }
+                    q.dead.remove(pos).into_iter().collect()
+                }
+                Replay::All => {
+                    let (keep, take): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut q.dead)
+                        .into_iter()
+                        .partition(|d| d.envelope.is_none());
+                    q.dead = keep;
+                    take.into_iter().collect()
+                }
+            };
+            let n = taken.len() as u64;
+            for d in taken {
+                let Some(mut env) = d.envelope else { continue };
+                if reset_attempts {
+                    env.attempt = 0;
+                    env.last_error = None;
+                }
+                queue.clone_into(&mut env.queue);
+                st.retake_unique(&env, now);
+                st.enqueue(env, 0, now);
+            }
+            n
+        };
+        if replayed > 0 {
+            self.core.wake();
+        }
+        Ok(replayed)
+    }
+
+    async fn purge_dead_letters(&self, queue: &str) -> Result<u64, BrokerError> {
+        let mut st = self.core.lock();
+        let Some(q) = st.queues.get_mut(queue) else {
+            return Ok(0);
+        };
+        let n = q.dead.len() as u64;
+        q.dead.clear();
+        Ok(n)
+    }
+
+    async fn stats(&self, queue: &str) -> Result<QueueStats, BrokerError> {
+        let now_u = Utc::now();
+        let retention = self.core.retention;
+        let mut st = self.core.lock();
+        st.rescue(Instant::now());
+        let Some(q) = st.queues.get_mut(queue) else {
+            return Ok(QueueStats::default());
+        };
+        q.promote(now_u);
+        q.prune_dead(now_u, retention);
+        Ok(QueueStats {
+            ready: q.ready as u64,
+            delayed: q.delayed.len() as u64,
+            leased: q.leased,
+            dead: q.dead.len() as u64,
+        })
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
+        let mut st = self.core.lock();
+        let Some(q) = st.queues.get_mut(queue) else {
+            return Ok(0);
+        };
+        let mut removed: Vec<Entry> = Vec::with_capacity(q.ready + q.delayed.len());
+        for lane in &mut q.lanes {
+            removed.extend(lane.drain(..));
+        }
+        removed.extend(q.delayed.drain().map(|Reverse(d)| d.entry));
+        q.ready = 0;
+        for e in &removed {
+            if let Some(env) = e.envelope() {
+                // The holder is gone, so its key is free whatever it chose.
+                st.release_unique(env, true);
+            }
+        }
+        Ok(removed.len() as u64)
+    }
+
+    async fn broadcast(&self, channel: &str, payload: &str) -> Result<(), BrokerError> {
+        let mut channels = self
+            .core
+            .channels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = channels.get(channel) {
+            if tx.receiver_count() == 0 {
+                channels.remove(channel);
+            } else {
+                let _ = tx.send(payload.to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<BroadcastStream, BrokerError> {
+        let rx = {
+            let mut channels = self
+                .core
+                .channels
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            channels
+                .entry(channel.to_owned())
+                .or_insert_with(|| broadcast::channel(BROADCAST_CAPACITY).0)
+                .subscribe()
+        };
+        let channel = channel.to_owned();
+        let stream = futures::stream::unfold((rx, channel), |(mut rx, channel)| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(payload) => {
+                        let msg = BroadcastMessage {
+                            channel: channel.clone(),
+                            payload,
+                        };
+                        return Some((msg, (rx, channel)));
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(%channel, skipped = n, "broadcast subscriber fell behind; messages skipped");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        Ok(stream.boxed())
+    }
+
+    async fn maintain(&self) -> Result<(), BrokerError> {
+        let now_u = Utc::now();
+        let retention = self.core.retention;
+        {
+            let mut st = self.core.lock();
+            st.rescue(Instant::now());
+            for q in st.queues.values_mut() {
+                q.promote(now_u);
+                q.prune_dead(now_u, retention);
+            }
+            st.unique.retain(|_, h| h.until > now_u);
+        }
+        self.core.wake();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::envelope::Unique;
+
+    #[test]
+    fn size_bound_is_an_upper_bound() {
+        let mut env = Envelope::new("a::b", "q", serde_json::json!({"x": "\u{1}\"\\"})).unwrap();
+        env.not_before = Some(Utc::now());
+        env.expires_at = Some(Utc::now());
+        env.parent_id = Some(TaskId::new());
+        env.group_id = Some(TaskId::new());
+        env.chord_id = Some(TaskId::new());
+        env.attempt = u32::MAX;
+        env.max_retries = u32::MAX;
+        env.result_ttl_secs = Some(u64::MAX);
+        env.last_error = Some("\u{1}\u{2}\"".repeat(10));
+        env.unique = Some(Unique {
+            key: "\u{0}".repeat(5),
+            until: Utc::now(),
+            release: UniqueRelease::OnFinish,
+        });
+        env.headers = BTreeMap::from([("\u{3}".repeat(4), "\n\t".repeat(8))]);
+        let exact = env.encode().unwrap().len();
+        assert_eq!(encoded_size(&env), exact);
+        assert!(encoded_size_bound(&env) >= exact);
+    }
+}
