@@ -192,10 +192,10 @@ fn installed_default() -> Option<Stem> {
         .clone()
 }
 
-/// The URL used when `STEM_BROKER_URL` is unset: none yet (the embedded
-/// SQLite default arrives with the SQLite adapter).
+/// The URL used when `STEM_BROKER_URL` is unset: the embedded adapter's
+/// default (a SQLite file, when the `sqlite` feature is on).
 fn default_broker_url() -> Option<String> {
-    None
+    crate::url::embedded_default_url()
 }
 
 /// The namespace from `STEM_NAMESPACE`, or `stem`.

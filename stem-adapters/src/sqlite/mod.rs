@@ -201,6 +201,14 @@ fn open_backend(
     })
 }
 
+fn default_url() -> String {
+    format!("sqlite://{}", default_path().display())
+}
+
+inventory::submit! {
+    stem_core::url::EmbeddedDefault { url: default_url }
+}
+
 inventory::submit! {
     AdapterEntry {
         scheme: SCHEME,
@@ -209,6 +217,8 @@ inventory::submit! {
     }
 }
 
+type Openers = (stem_core::url::BrokerOpener, stem_core::url::BackendOpener);
+
 /// Milliseconds since the Unix epoch on this host's clock.
 pub(crate) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -216,4 +226,12 @@ pub(crate) fn now_ms() -> i64 {
 
 pub(crate) fn ms_of(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Referenced from [`crate::link`]: keeps this module's URL registration in
+/// the binary.
+#[inline(never)]
+pub(crate) fn link() -> usize {
+    let openers: [crate::sqlite::Openers; 1] = [(open_broker, open_backend)];
+    std::hint::black_box(&openers).len()
 }
