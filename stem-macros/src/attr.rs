@@ -303,7 +303,11 @@ fn describe(expr: &Expr) -> &'static str {
             _ => "a literal",
         },
         Expr::Path(_) => "a name",
-        Expr::Unary(_) => "an expression",
+        Expr::Unary(syn::ExprUnary {
+            op: syn::UnOp::Neg(_),
+            expr,
+            ..
+        }) if matches!(&**expr, Expr::Lit(_)) => "a negative number",
         _ => "an expression",
     }
 }

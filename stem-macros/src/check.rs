@@ -54,6 +54,8 @@ pub(crate) struct Plan {
     pub(crate) bad_type: Vec<bool>,
     /// The output type was rejected (the stub uses `()`).
     pub(crate) bad_output: bool,
+    /// The fn takes `self`: it sits in an `impl`, where no module may go.
+    pub(crate) has_receiver: bool,
 }
 
 /// Names the generated module defines; a parameter type spelled with one of
@@ -153,11 +155,19 @@ pub(crate) fn check(func: &TaskFn, options: &Options, errors: &mut Errors) -> Pl
     };
 
     let signature_ok = errors.len() == before;
+    // Generic parameters may appear in any type: the stub uses none of them.
+    let generic = !sig.generics.params.is_empty();
+    if generic {
+        bad_type.iter_mut().for_each(|b| *b = true);
+    }
+    let bad_output = bad_output || generic;
+    let has_receiver = sig.receiver().is_some();
     check_options(options, errors);
     Plan {
         signature_ok,
         bad_type,
         bad_output,
+        has_receiver,
     }
 }
 
@@ -265,7 +275,7 @@ fn check_options(options: &Options, errors: &mut Errors) {
         {
             errors.push(
                 k.key,
-                "`backoff = none` retries at once: remove this key or choose `exponential` or `fixed`",
+                "this key has no effect with `backoff = none`, which retries at once: remove it, or choose `backoff = exponential` or `fixed`",
             );
         }
     }

@@ -24,7 +24,10 @@ pub(crate) fn expand(
 ) -> TokenStream {
     let item = &func.item;
     let generator = Gen::new(func, options);
-    let module = if plan.signature_ok {
+    let module = if plan.has_receiver {
+        // A method: the fn is inside an `impl`, where a module cannot go.
+        TokenStream::new()
+    } else if plan.signature_ok {
         generator.module()
     } else {
         generator.stub(plan)
@@ -161,6 +164,11 @@ impl<'a> Gen<'a> {
         let name_expr = self.name_expr();
         let options_expr = self.options_expr();
         let output = self.func.output.value_type();
+        // Spanned on the user's type, so a bound error points at it.
+        let output_in_impl = match &self.func.output {
+            Output::Unit => quote!(Output),
+            Output::Plain(t) | Output::Result { ok: t, .. } => quote_spanned!(t.span()=> Output),
+        };
         let serde_path = LitStr::new(&format!("{p}::serde"), Span::call_site());
 
         let payload: Vec<&Param> = self.func.payload().collect();
@@ -199,6 +207,8 @@ impl<'a> Gen<'a> {
                 #[allow(unused_imports)]
                 use super::*;
 
+                #assertions
+
                 /// The name the task is registered and enqueued under.
                 #iv const NAME: &str = #name_expr;
 
@@ -228,10 +238,8 @@ impl<'a> Gen<'a> {
                     const NAME: &'static str = NAME;
                     const OPTIONS: #p::TaskOptions = OPTIONS;
                     type Args = Args;
-                    type Output = Output;
+                    type Output = #output_in_impl;
                 }
-
-                #assertions
 
                 /// Enqueues the task on the default client.
                 ///
@@ -468,17 +476,25 @@ impl<'a> Gen<'a> {
                 __stem_future.await;
                 #p::encode_output(&())
             },
-            Output::Plain(_) => quote! {
-                #p::encode_output(&__stem_future.await)
-            },
-            Output::Result { .. } => quote! {
-                match __stem_future.await {
-                    ::core::result::Result::Ok(__stem_value) => #p::encode_output(&__stem_value),
-                    ::core::result::Result::Err(__stem_error) => {
-                        ::core::result::Result::Err(#p::map_error(&__stem_error))
+            Output::Plain(t) => {
+                let encode = quote_spanned!(t.span()=> #p::encode_output(&__stem_value));
+                quote! {
+                    let __stem_value = __stem_future.await;
+                    #encode
+                }
+            }
+            Output::Result { ok, err } => {
+                let encode = quote_spanned!(ok.span()=> #p::encode_output(&__stem_value));
+                let map_error = quote_spanned!(err.span()=> #p::map_error(&__stem_error));
+                quote! {
+                    match __stem_future.await {
+                        ::core::result::Result::Ok(__stem_value) => #encode,
+                        ::core::result::Result::Err(__stem_error) => {
+                            ::core::result::Result::Err(#map_error)
+                        }
                     }
                 }
-            },
+            }
         };
         let body = quote! {
             async move {
