@@ -515,6 +515,7 @@ impl<'a> Gen<'a> {
                 __stem_ctx: #p::Context,
                 __stem_raw: &#p::RawValue,
             ) -> ::core::result::Result<#p::HandlerFuture, #p::DecodeError> {
+                #p::link_adapters();
                 let Args { #(#idents),* } = #p::decode_args::<Args>(__stem_raw)?;
                 ::core::result::Result::Ok(#boxed)
             }
