@@ -62,9 +62,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
 
-    // The embedded default: an in-memory broker and result backend.
-    let stem = stem::connect("memory://").await?;
-    stem.install_default();
+    // The embedded default: with no STEM_BROKER_URL this is a SQLite file
+    // (durable, shared with every Stem process on this host).
+    let stem = stem::Stem::default_client().await?;
+    println!("broker: {}", stem.broker().describe());
 
     // A worker in this process, consuming every task's queue.
     let worker = stem::worker::Worker::builder()
