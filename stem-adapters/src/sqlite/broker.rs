@@ -17,7 +17,15 @@ use stem_core::envelope::validate_queue_name;
 use stem_core::{Broker, BrokerError, Envelope, TaskId, UniqueRelease};
 
 use super::shared::{self, Shared};
-use super::{SqliteOptions, ms_of, now_ms};
+use super::{SqliteOptions, ms_of};
+
+/// SQLite's clock in milliseconds: every judgment of time (due, lease,
+/// expiry) uses it, never the process's clock (contract clause B18).
+macro_rules! now_sql {
+    () => {
+        "CAST(unixepoch('subsec') * 1000 AS INTEGER)"
+    };
+}
 
 /// Rows per multi-row INSERT (8 parameters each, well under SQLite's limit).
 const INSERT_CHUNK: usize = 500;
@@ -58,28 +66,34 @@ pub(crate) fn map_err(shared: &Shared, e: &sqlx::Error) -> BrokerError {
     }
 }
 
-/// The state and due time a newly stored envelope gets: the delay is
+/// The state and delay (ms) a newly stored envelope gets: the delay is
 /// taken relative to the producer's own `enqueued_at`, so a producer clock
 /// that is off cannot shorten or stretch it.
-fn initial_state(env: &Envelope, now: i64) -> (i64, i64) {
+fn initial_state(env: &Envelope) -> (i64, i64) {
     match env.not_before {
         Some(nb) => {
             let delay = (nb - env.enqueued_at).num_milliseconds();
-            if delay > 0 {
-                (1, now.saturating_add(delay))
-            } else {
-                (0, 0)
-            }
+            if delay > 0 { (1, delay) } else { (0, 0) }
         }
         None => (0, 0),
     }
+}
+
+/// SQLite's clock, read inside the caller's transaction or connection.
+async fn db_now<'e, E>(exec: E) -> Result<i64, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = Sqlite>,
+{
+    sqlx::query_scalar(concat!("SELECT ", now_sql!()))
+        .fetch_one(exec)
+        .await
 }
 
 struct Prepared {
     env: Envelope,
     payload: Vec<u8>,
     state: i64,
-    due: i64,
+    delay: i64,
 }
 
 impl SqliteBroker {
@@ -132,7 +146,7 @@ impl SqliteBroker {
         map_err(&self.shared, e)
     }
 
-    fn prepare(&self, env: Envelope, now: i64) -> Result<Prepared, BrokerError> {
+    fn prepare(&self, env: Envelope) -> Result<Prepared, BrokerError> {
         env.validate()?;
         let payload = env.encode()?;
         if payload.len() > self.opts.max_envelope_bytes {
@@ -142,12 +156,12 @@ impl SqliteBroker {
                 limit: self.opts.max_envelope_bytes,
             });
         }
-        let (state, due) = initial_state(&env, now);
+        let (state, delay) = initial_state(&env);
         Ok(Prepared {
             env,
             payload,
             state,
-            due,
+            delay,
         })
     }
 
@@ -161,8 +175,9 @@ impl SqliteBroker {
 
     /// Stores `items` in one transaction: unique ones row by row (they
     /// check the key), the rest in multi-row INSERTs.
-    async fn store(&self, items: Vec<Prepared>, now: i64) -> Result<Vec<Published>, BrokerError> {
+    async fn store(&self, items: Vec<Prepared>) -> Result<Vec<Published>, BrokerError> {
         let mut tx = self.begin().await?;
+        let now = db_now(&mut *tx).await.map_err(|e| self.err(&e))?;
         let mut out = Vec::with_capacity(items.len());
         let mut plain: Vec<&Prepared> = Vec::new();
         for p in &items {
@@ -189,7 +204,7 @@ impl SqliteBroker {
                     .bind(&self.opts.namespace)
                     .bind(&u.key)
                     .bind(p.env.id.to_string())
-                    .bind(u.until.timestamp_millis().max(now))
+                                        .bind(now.saturating_add((u.until - p.env.enqueued_at).num_milliseconds().max(0)))
                     .execute(&mut *tx)
                     .await
                     .map_err(|e| self.err(&e))?;
@@ -198,8 +213,8 @@ impl SqliteBroker {
                     .bind(p.env.id.to_string())
                     .bind(&p.env.queue)
                     .bind(i64::from(p.env.priority))
-                    .bind(p.state)
-                    .bind(p.due)
+                                        .bind(p.state)
+                    .bind(now.saturating_add(p.delay))
                     .bind(&u.key)
                     .bind(i64::from(u.release == UniqueRelease::OnFinish))
                     .bind(&p.payload)
@@ -230,7 +245,7 @@ impl SqliteBroker {
                     .bind(&p.env.queue)
                     .bind(i64::from(p.env.priority))
                     .bind(p.state)
-                    .bind(p.due)
+                    .bind(now.saturating_add(p.delay))
                     .bind(&p.payload);
             }
             q.execute(&mut *tx).await.map_err(|e| self.err(&e))?;
@@ -245,9 +260,9 @@ impl SqliteBroker {
     /// One claim transaction: promote due rows, then lease up to `req.max`
     /// ready rows across the queues, fairly.
     async fn claim(&self, req: &FetchRequest) -> Result<Vec<Delivery>, BrokerError> {
-        let now = now_ms();
-        let lease_until = now.saturating_add(ms_of(req.lease));
         let mut tx = self.begin().await?;
+        let now = db_now(&mut *tx).await.map_err(|e| self.err(&e))?;
+        let lease_until = now.saturating_add(ms_of(req.lease));
         sqlx::query(
             "UPDATE stem_jobs SET state = 0 WHERE ns = ? AND state IN (1, 2) AND due_ms <= ?",
         )
@@ -425,22 +440,21 @@ impl Broker for SqliteBroker {
     }
 
     async fn publish(&self, envelope: Envelope) -> Result<Published, BrokerError> {
-        let now = now_ms();
-        let p = self.prepare(envelope, now)?;
+        let p = self.prepare(envelope)?;
         if p.env.unique.is_some() {
-            let mut v = self.store(vec![p], now).await?;
+            let mut v = self.store(vec![p]).await?;
             return v
                 .pop()
                 .ok_or_else(|| BrokerError::Invalid(String::from("empty publish")));
         }
         let id = p.env.id;
-        sqlx::query("INSERT INTO stem_jobs (ns, id, queue, priority, state, due_ms, payload) VALUES (?, ?, ?, ?, ?, ?, ?)")
+        sqlx::query(concat!("INSERT INTO stem_jobs (ns, id, queue, priority, state, due_ms, payload) VALUES (?, ?, ?, ?, ?, ", now_sql!(), " + ?, ?)"))
             .bind(&self.opts.namespace)
             .bind(id.to_string())
             .bind(&p.env.queue)
             .bind(i64::from(p.env.priority))
             .bind(p.state)
-            .bind(p.due)
+            .bind(p.delay)
             .bind(&p.payload)
             .execute(&self.shared.pool)
             .await
@@ -455,12 +469,11 @@ impl Broker for SqliteBroker {
         if envelopes.is_empty() {
             return Ok(Vec::new());
         }
-        let now = now_ms();
         let items = envelopes
             .into_iter()
-            .map(|e| self.prepare(e, now))
+            .map(|e| self.prepare(e))
             .collect::<Result<Vec<_>, _>>()?;
-        self.store(items, now).await
+        self.store(items).await
     }
 
     async fn fetch(&self, req: &FetchRequest) -> Result<Vec<Delivery>, BrokerError> {
@@ -511,14 +524,18 @@ impl Broker for SqliteBroker {
     }
 
     async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<(), BrokerError> {
-        let done = sqlx::query("UPDATE stem_jobs SET state = 2, due_ms = ? WHERE ns = ? AND id = ? AND token = ? AND state IN (0, 2)")
-            .bind(now_ms().saturating_add(ms_of(lease)))
-            .bind(&self.opts.namespace)
-            .bind(receipt.task_id.to_string())
-            .bind(i64::try_from(receipt.token).unwrap_or(-1))
-            .execute(&self.shared.pool)
-            .await
-            .map_err(|e| self.err(&e))?;
+        let done = sqlx::query(concat!(
+            "UPDATE stem_jobs SET state = 2, due_ms = ",
+            now_sql!(),
+            " + ? WHERE ns = ? AND id = ? AND token = ? AND state IN (0, 2)"
+        ))
+        .bind(ms_of(lease))
+        .bind(&self.opts.namespace)
+        .bind(receipt.task_id.to_string())
+        .bind(i64::try_from(receipt.token).unwrap_or(-1))
+        .execute(&self.shared.pool)
+        .await
+        .map_err(|e| self.err(&e))?;
         if done.rows_affected() == 1 {
             Ok(())
         } else {
@@ -529,11 +546,10 @@ impl Broker for SqliteBroker {
     }
 
     async fn nack(&self, receipt: &Receipt, nack: Nack) -> Result<(), BrokerError> {
-        let now = now_ms();
-        let (state, due) = if nack.after.is_zero() {
+        let (state, delay) = if nack.after.is_zero() {
             (0, 0)
         } else {
-            (1, now.saturating_add(ms_of(nack.after)))
+            (1, ms_of(nack.after))
         };
         let (payload, priority) = match &nack.envelope {
             Some(env) => {
@@ -547,9 +563,9 @@ impl Broker for SqliteBroker {
             }
             None => (None, None),
         };
-        let done = sqlx::query("UPDATE stem_jobs SET state = ?, due_ms = ?, payload = COALESCE(?, payload), priority = COALESCE(?, priority) WHERE ns = ? AND id = ? AND token = ? AND state IN (0, 2)")
+        let done = sqlx::query(concat!("UPDATE stem_jobs SET state = ?, due_ms = ", now_sql!(), " + ?, payload = COALESCE(?, payload), priority = COALESCE(?, priority) WHERE ns = ? AND id = ? AND token = ? AND state IN (0, 2)"))
             .bind(state)
-            .bind(due)
+            .bind(delay)
             .bind(payload)
             .bind(priority)
             .bind(&self.opts.namespace)
@@ -574,8 +590,8 @@ impl Broker for SqliteBroker {
         receipt: &Receipt,
         request: DeadLetterRequest,
     ) -> Result<(), BrokerError> {
-        let now = now_ms();
         let mut tx = self.begin().await?;
+        let now = db_now(&mut *tx).await.map_err(|e| self.err(&e))?;
         let (queue, payload) = self.take_row(&mut tx, receipt).await?;
         let envelope = match &request.envelope {
             Some(env) => env.encode()?,
@@ -597,10 +613,9 @@ impl Broker for SqliteBroker {
     }
 
     async fn dead_letters(&self, queue: &str, page: Page) -> Result<Vec<DeadLetter>, BrokerError> {
-        let rows = sqlx::query("SELECT id, queue, reason, error, dead_ms, envelope, raw FROM stem_dead WHERE ns = ? AND queue = ? AND expires_ms > ? ORDER BY seq LIMIT ? OFFSET ?")
+        let rows = sqlx::query(concat!("SELECT id, queue, reason, error, dead_ms, envelope, raw FROM stem_dead WHERE ns = ? AND queue = ? AND expires_ms > ", now_sql!(), " ORDER BY seq LIMIT ? OFFSET ?"))
             .bind(&self.opts.namespace)
             .bind(queue)
-            .bind(now_ms())
             .bind(i64::try_from(page.limit).unwrap_or(i64::MAX))
             .bind(i64::try_from(page.offset).unwrap_or(i64::MAX))
             .fetch_all(&self.shared.pool)
@@ -610,12 +625,12 @@ impl Broker for SqliteBroker {
     }
 
     async fn dead_letter_count(&self, queue: &str) -> Result<u64, BrokerError> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM stem_dead WHERE ns = ? AND queue = ? AND expires_ms > ?",
-        )
+        let n: i64 = sqlx::query_scalar(concat!(
+            "SELECT COUNT(*) FROM stem_dead WHERE ns = ? AND queue = ? AND expires_ms > ",
+            now_sql!()
+        ))
         .bind(&self.opts.namespace)
         .bind(queue)
-        .bind(now_ms())
         .fetch_one(&self.shared.pool)
         .await
         .map_err(|e| self.err(&e))?;
@@ -628,8 +643,8 @@ impl Broker for SqliteBroker {
         which: Replay,
         reset_attempts: bool,
     ) -> Result<u64, BrokerError> {
-        let now = now_ms();
         let mut tx = self.begin().await?;
+        let now = db_now(&mut *tx).await.map_err(|e| self.err(&e))?;
         let rows: Vec<(i64, String, Option<Vec<u8>>)> = match which {
             Replay::One(id) => sqlx::query_as("SELECT seq, id, envelope FROM stem_dead WHERE ns = ? AND queue = ? AND id = ? AND expires_ms > ? ORDER BY seq")
                 .bind(&self.opts.namespace)
@@ -692,7 +707,7 @@ impl Broker for SqliteBroker {
     }
 
     async fn stats(&self, queue: &str) -> Result<QueueStats, BrokerError> {
-        let now = now_ms();
+        let now = db_now(&self.shared.pool).await.map_err(|e| self.err(&e))?;
         let (ready, delayed, leased): (i64, i64, i64) = sqlx::query_as(
             "SELECT \
                COALESCE(SUM(CASE WHEN state = 0 OR due_ms <= ?1 THEN 1 ELSE 0 END), 0), \
@@ -717,8 +732,8 @@ impl Broker for SqliteBroker {
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
-        let now = now_ms();
         let mut tx = self.begin().await?;
+        let now = db_now(&mut *tx).await.map_err(|e| self.err(&e))?;
         let removed: Vec<(String, Option<String>)> = sqlx::query_as(
             "DELETE FROM stem_jobs WHERE ns = ? AND queue = ? AND (state IN (0, 1) OR due_ms <= ?) RETURNING id, unique_key",
         )
@@ -749,13 +764,14 @@ impl Broker for SqliteBroker {
                 "the broadcast channel name is empty",
             )));
         }
-        sqlx::query(
-            "INSERT INTO stem_broadcast (ns, channel, payload, sent_ms) VALUES (?, ?, ?, ?)",
-        )
+        sqlx::query(concat!(
+            "INSERT INTO stem_broadcast (ns, channel, payload, sent_ms) VALUES (?, ?, ?, ",
+            now_sql!(),
+            ")"
+        ))
         .bind(&self.opts.namespace)
         .bind(channel)
         .bind(payload)
-        .bind(now_ms())
         .execute(&self.shared.pool)
         .await
         .map_err(|e| self.err(&e))?;
@@ -822,7 +838,7 @@ impl Broker for SqliteBroker {
     }
 
     async fn maintain(&self) -> Result<(), BrokerError> {
-        let now = now_ms();
+        let now = db_now(&self.shared.pool).await.map_err(|e| self.err(&e))?;
         for sql in [
             "DELETE FROM stem_dead WHERE ns = ? AND expires_ms <= ?",
             "DELETE FROM stem_unique WHERE ns = ? AND until_ms <= ?",
