@@ -223,3 +223,52 @@ async fn a_garbage_row_is_dead_lettered_and_the_worker_keeps_running() {
     let report = worker.join().await;
     assert_eq!(report.succeeded, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broadcast_reaches_a_subscriber_in_another_process() {
+    use std::io::{BufRead, BufReader};
+    let (_dir, db, _ledger) = setup("broadcast");
+    let broker = SqliteBroker::open(&db, SqliteOptions::default())
+        .await
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_e2e-subscriber"))
+        .args(["control", "3"])
+        .env("STEM_BROKER_URL", url(&db))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("subscriber starts");
+    let stdout = child.stdout.take().unwrap();
+    let sub = Proc(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("subscriber is ready");
+    assert_eq!(first, "ready");
+    let mut local = broker.subscribe("control").await.unwrap();
+    for msg in ["ping", "inspect", "shutdown"] {
+        broker.broadcast("control", msg).await.unwrap();
+    }
+    let got: Vec<String> = (0..3)
+        .map(|_| {
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("message arrives")
+        })
+        .collect();
+    assert_eq!(got, ["ping", "inspect", "shutdown"]);
+    use futures::StreamExt;
+    for want in ["ping", "inspect", "shutdown"] {
+        let m = tokio::time::timeout(Duration::from_secs(5), local.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.payload, want, "in-process subscribers get it too");
+    }
+    drop(sub);
+}
