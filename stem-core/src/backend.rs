@@ -54,7 +54,7 @@ impl std::fmt::Display for TaskFailure {
 
 /// A task's state (R1).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum TaskState {
     /// Enqueued, not started.
     Pending,
@@ -288,5 +288,27 @@ pub trait ResultBackend: Send + Sync + 'static {
     /// Deletes expired records, groups and revocations.
     async fn maintain(&self) -> Result<(), BackendError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_through_json() {
+        let raw = serde_json::value::to_raw_value(&serde_json::json!({"a": [1, 2]})).unwrap();
+        let rec = TaskRecord::new(TaskId::new(), TaskState::Succeeded { result: raw });
+        let bytes = serde_json::to_vec(&rec).unwrap();
+        let back: TaskRecord = serde_json::from_slice(&bytes).unwrap();
+        match back.state {
+            TaskState::Succeeded { result } => assert_eq!(result.get(), r#"{"a":[1,2]}"#),
+            other => panic!("{other:?}"),
+        }
+        let pending: TaskRecord = serde_json::from_slice(
+            &serde_json::to_vec(&TaskRecord::new(rec.id, TaskState::Pending)).unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(pending.state, TaskState::Pending));
     }
 }

@@ -192,10 +192,10 @@ fn installed_default() -> Option<Stem> {
         .clone()
 }
 
-/// The URL used when `STEM_BROKER_URL` is unset: none yet (the embedded
-/// SQLite default arrives with the SQLite adapter).
+/// The URL used when `STEM_BROKER_URL` is unset: the embedded adapter's
+/// default (a SQLite file, when the `sqlite` feature is on).
 fn default_broker_url() -> Option<String> {
-    None
+    crate::url::embedded_default_url()
 }
 
 /// The namespace from `STEM_NAMESPACE`, or `stem`.
@@ -229,6 +229,48 @@ pub async fn connect(url: &str) -> Result<Stem, StemError> {
     connect_with(url, backend_url.as_deref(), &namespace).await
 }
 
+/// Opens only the broker named by `url` (no result backend), in `namespace`.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), stem_core::StemError> {
+/// let broker = stem_core::client::open_broker("memory://open-broker-doc", "stem").await?;
+/// let stem = stem_core::Stem::new(broker, None); // a client that writes no results
+/// assert!(stem.backend().is_none());
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+/// An unknown scheme, a URL whose adapter is not a broker, or a connect error.
+pub async fn open_broker(url: &str, namespace: &str) -> Result<Arc<dyn Broker>, StemError> {
+    let adapter = adapter_for(url)?;
+    let open = adapter.broker.ok_or_else(|| ConfigError::BadUrl {
+        url: redact(url),
+        reason: format!("the `{}` adapter is not a broker", adapter.scheme),
+    })?;
+    open(ConnectOptions {
+        url: url.to_owned(),
+        namespace: namespace.to_owned(),
+    })
+    .await
+}
+
+/// Opens only the result backend named by `url`, in `namespace`.
+///
+/// # Errors
+/// An unknown scheme, a URL whose adapter stores no results, or a connect error.
+pub async fn open_backend(url: &str, namespace: &str) -> Result<Arc<dyn ResultBackend>, StemError> {
+    let adapter = adapter_for(url)?;
+    let open = adapter.backend.ok_or_else(|| ConfigError::BadUrl {
+        url: redact(url),
+        reason: format!("the `{}` adapter is not a result backend", adapter.scheme),
+    })?;
+    open(ConnectOptions {
+        url: url.to_owned(),
+        namespace: namespace.to_owned(),
+    })
+    .await
+}
+
 /// Like [`connect`] with an explicit backend URL (`None`: the broker's own
 /// when it has one) and namespace.
 ///
@@ -239,29 +281,13 @@ pub async fn connect_with(
     backend_url: Option<&str>,
     namespace: &str,
 ) -> Result<Stem, StemError> {
-    let adapter = adapter_for(broker_url)?;
-    let open_broker = adapter.broker.ok_or_else(|| ConfigError::BadUrl {
-        url: redact(broker_url),
-        reason: format!("the `{}` adapter is not a broker", adapter.scheme),
-    })?;
-    let opts = |url: &str| ConnectOptions {
-        url: url.to_owned(),
-        namespace: namespace.to_owned(),
-    };
-    let broker = open_broker(opts(broker_url)).await?;
+    let broker = open_broker(broker_url, namespace).await?;
     let backend = match backend_url {
-        Some(u) => {
-            let a = adapter_for(u)?;
-            let open = a.backend.ok_or_else(|| ConfigError::BadUrl {
-                url: redact(u),
-                reason: format!("the `{}` adapter is not a result backend", a.scheme),
-            })?;
-            Some(open(opts(u)).await?)
+        Some(u) => Some(open_backend(u, namespace).await?),
+        None if adapter_for(broker_url)?.backend.is_some() => {
+            Some(open_backend(broker_url, namespace).await?)
         }
-        None => match adapter.backend {
-            Some(open) => Some(open(opts(broker_url)).await?),
-            None => None,
-        },
+        None => None,
     };
     Ok(Stem {
         inner: Arc::new(Inner {

@@ -37,6 +37,25 @@ pub struct AdapterEntry {
 
 inventory::collect!(AdapterEntry);
 
+/// The broker URL used when `STEM_BROKER_URL` is unset, registered by the
+/// embedded adapter (SQLite) when it is compiled in.
+#[derive(Debug)]
+pub struct EmbeddedDefault {
+    /// Returns the URL, e.g. `sqlite:///home/me/.local/share/stem/stem.db`.
+    pub url: fn() -> String,
+}
+
+inventory::collect!(EmbeddedDefault);
+
+/// The embedded default broker URL, if an adapter registered one.
+#[must_use]
+pub fn embedded_default_url() -> Option<String> {
+    inventory::iter::<EmbeddedDefault>
+        .into_iter()
+        .next()
+        .map(|d| (d.url)())
+}
+
 /// The scheme of a URL (`memory` for `memory://`).
 ///
 /// # Errors

@@ -1,10 +1,56 @@
 //! Stem: typed background tasks for Rust.
 //!
-//! Put `#[stem::task]` on an `async fn`; enqueue it with the generated
-//! `my_task::enqueue(..)`; run `stem::worker::run()` in a worker binary.
+//! Put `#[stem::task]` on an `async fn`, enqueue it with the generated
+//! typed functions, and run every linked task with `stem::worker::run()`.
+//!
+//! ```
+//! use std::time::Duration;
+//!
+//! #[stem::task(queue = "math", retries = 2)]
+//! async fn add(a: i64, b: i64) -> i64 {
+//!     a + b
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let stem = stem::connect("memory://facade-doc").await?;
+//! let worker = stem::worker::Worker::builder().client(&stem).build().await?.start();
+//! let handle = add::enqueue_on(&stem, 2, 3).await?;
+//! assert_eq!(handle.wait(Duration::from_secs(5)).await?, 5);
+//! worker.shutdown();
+//! worker.join().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Adapters
+//! A URL picks the adapter: `memory://` (one process), `sqlite://path`
+//! (feature `sqlite`, on by default). Each adapter is also a typed
+//! constructor under [`adapters`].
+//!
+//! # Linking tasks from other crates
+//! Tasks register at link time. A crate whose items are never referenced
+//! from the final binary can be dropped by the linker with its tasks; name
+//! one of its items from the worker (`let _ = my_tasks::send_email::NAME;`).
+//! A worker that finds no task at all refuses to start and says so.
 
 pub use stem_core::*;
 pub use stem_macros::task;
 
+/// The adapters compiled into this build (see the cargo features).
+pub mod adapters {
+    #[cfg(feature = "sqlite")]
+    pub use stem_adapters::sqlite;
+}
+
 #[doc(hidden)]
-pub use stem_core::__private;
+pub mod __private {
+    pub use stem_core::__private::*;
+
+    /// Called by every generated task handler so that a binary with tasks
+    /// always links the adapters and their URL registrations.
+    #[inline(never)]
+    pub fn link_adapters() {
+        std::hint::black_box(stem_adapters::link());
+    }
+}

@@ -1,6 +1,9 @@
 //! Helpers shared by the end-to-end tests: isolated clients and waiting on
 //! conditions with a deadline instead of sleeping.
 
+pub mod e2e_tasks;
+pub mod ledger;
+
 use std::future::Future;
 use std::time::{Duration, Instant};
 

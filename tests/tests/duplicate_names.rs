@@ -3,14 +3,14 @@
 
 mod billing {
     #[stem::task(name = "shared::charge")]
-    pub async fn charge(cents: u64) -> u64 {
+    pub(crate) async fn charge(cents: u64) -> u64 {
         cents
     }
 }
 
 mod refunds {
     #[stem::task(name = "shared::charge")]
-    pub async fn charge(cents: u64) -> u64 {
+    pub(crate) async fn charge(cents: u64) -> u64 {
         cents
     }
 }
@@ -19,8 +19,14 @@ mod refunds {
 fn registry_check_names_both_locations() {
     let err = stem::registry::check().unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("duplicate task name `shared::charge`"), "{msg}");
-    assert!(msg.contains("billing::charge") && msg.contains("refunds::charge"), "{msg}");
+    assert!(
+        msg.contains("duplicate task name `shared::charge`"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("billing::charge") && msg.contains("refunds::charge"),
+        "{msg}"
+    );
     assert_eq!(msg.matches("duplicate_names.rs:").count(), 2, "{msg}");
     // The generated names are still distinct modules.
     assert_eq!(billing::charge::NAME, refunds::charge::NAME);

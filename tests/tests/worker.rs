@@ -35,10 +35,19 @@ fn runs(key: &str) -> Vec<Instant> {
 #[error("flaky failure #{0}")]
 struct FlakyError(usize);
 
-#[stem::task(queue = "retry", retries = 3, backoff = "exponential", backoff_base = "200ms")]
+#[stem::task(
+    queue = "retry",
+    retries = 3,
+    backoff = "exponential",
+    backoff_base = "200ms"
+)]
 async fn flaky(key: String, succeed_on: usize) -> Result<usize, FlakyError> {
     let n = record_run(&key);
-    if n >= succeed_on { Ok(n) } else { Err(FlakyError(n)) }
+    if n >= succeed_on {
+        Ok(n)
+    } else {
+        Err(FlakyError(n))
+    }
 }
 
 #[stem::task(queue = "dead", retries = 1, backoff = "none")]
@@ -83,7 +92,9 @@ async fn at_most_once(ctx: stem::Context, key: String) -> Result<u32, FlakyError
         .stats(ctx.queue())
         .await
         .expect("stats");
-    Err(FlakyError(usize::try_from(stats.leased).unwrap_or(usize::MAX)))
+    Err(FlakyError(
+        usize::try_from(stats.leased).unwrap_or(usize::MAX),
+    ))
 }
 
 #[stem::task(queue = "long")]
@@ -94,17 +105,26 @@ async fn long_runner(key: String, millis: u64) -> usize {
 
 #[stem::task(queue = "uses_state")]
 async fn uses_state(marker: stem::State<Marker>, suffix: String) -> String {
+    let marker: &Marker = &marker;
     format!("{}{suffix}", marker.0)
 }
 
-async fn start(stem: &Stem, queues: &[&str], configure: impl FnOnce(stem::worker::WorkerBuilder) -> stem::worker::WorkerBuilder) -> WorkerHandle {
+async fn start(
+    stem: &Stem,
+    queues: &[&str],
+    configure: impl FnOnce(stem::worker::WorkerBuilder) -> stem::worker::WorkerBuilder,
+) -> WorkerHandle {
     let builder = Worker::builder()
         .client(stem)
         .state(Marker("state:"))
         .queues(queues.iter().copied())
         .poll_interval(Duration::from_millis(50))
         .heartbeat_interval(Duration::from_millis(200));
-    configure(builder).build().await.expect("worker builds").start()
+    configure(builder)
+        .build()
+        .await
+        .expect("worker builds")
+        .start()
 }
 
 async fn stop(worker: WorkerHandle) -> stem::worker::WorkerReport {
@@ -118,18 +138,39 @@ async fn retries_with_exponential_backoff() {
     let worker = start(&stem, &["retry"], |b| b).await;
     let key = format!("retry-{}", stem::TaskId::new());
     let handle = flaky::enqueue_on(&stem, key.clone(), 3).await.unwrap();
-    let out = handle.wait(Duration::from_secs(10)).await.expect("third attempt succeeds");
+    let out = handle
+        .wait(Duration::from_secs(10))
+        .await
+        .expect("third attempt succeeds");
     assert_eq!(out, 3);
     let times = runs(&key);
     assert_eq!(times.len(), 3);
     let gap1 = times[1] - times[0];
     let gap2 = times[2] - times[1];
     // Exponential with equal jitter: retry 1 waits 100..=200 ms, retry 2 waits 200..=400 ms.
-    assert!(gap1 >= Duration::from_millis(100), "first retry too early: {gap1:?}");
-    assert!(gap1 < Duration::from_millis(200 + 300), "first retry too late: {gap1:?}");
-    assert!(gap2 >= Duration::from_millis(200), "second retry too early: {gap2:?}");
-    assert!(gap2 < Duration::from_millis(400 + 300), "second retry too late: {gap2:?}");
-    let rec = stem.backend().unwrap().get(handle.id()).await.unwrap().unwrap();
+    assert!(
+        gap1 >= Duration::from_millis(100),
+        "first retry too early: {gap1:?}"
+    );
+    assert!(
+        gap1 < Duration::from_millis(200 + 300),
+        "first retry too late: {gap1:?}"
+    );
+    assert!(
+        gap2 >= Duration::from_millis(200),
+        "second retry too early: {gap2:?}"
+    );
+    assert!(
+        gap2 < Duration::from_millis(400 + 300),
+        "second retry too late: {gap2:?}"
+    );
+    let rec = stem
+        .backend()
+        .unwrap()
+        .get(handle.id())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(rec.attempts, 3);
     let report = stop(worker).await;
     assert_eq!(report.retried, 2);
@@ -144,7 +185,9 @@ async fn dead_letters_after_last_attempt_with_last_error() {
     let handle = always_fails::enqueue_on(&stem, key.clone()).await.unwrap();
     let err = handle.wait(Duration::from_secs(10)).await.unwrap_err();
     match err {
-        TaskError::Failed { message, type_name, .. } => {
+        TaskError::Failed {
+            message, type_name, ..
+        } => {
             assert_eq!(message, "flaky failure #2");
             assert!(type_name.ends_with("FlakyError"), "{type_name}");
         }
@@ -152,11 +195,26 @@ async fn dead_letters_after_last_attempt_with_last_error() {
     }
     assert_eq!(runs(&key).len(), 2, "one attempt plus one retry");
     let broker = stem.broker();
-    assert!(eventually(Duration::from_secs(5), || async { broker.dead_letter_count("dead").await.unwrap() == 1 }).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            broker.dead_letter_count("dead").await.unwrap() == 1
+        })
+        .await
+    );
     let dead = broker.dead_letters("dead", Page::first(10)).await.unwrap();
     assert_eq!(dead.len(), 1);
-    assert!(dead[0].reason.contains("retries exhausted"), "{}", dead[0].reason);
-    assert!(dead[0].error.as_deref().unwrap_or("").contains("flaky failure #2"));
+    assert!(
+        dead[0].reason.contains("retries exhausted"),
+        "{}",
+        dead[0].reason
+    );
+    assert!(
+        dead[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("flaky failure #2")
+    );
     let env = dead[0].envelope.as_ref().expect("full envelope kept");
     assert_eq!(env.id, handle.id());
     assert_eq!(env.attempt, 2);
@@ -170,7 +228,9 @@ async fn a_panic_is_a_failure_not_a_crash() {
     let key = format!("panic-{}", stem::TaskId::new());
     let bad = panics::enqueue_on(&stem, key.clone()).await.unwrap();
     match bad.wait(Duration::from_secs(10)).await.unwrap_err() {
-        TaskError::Failed { message, type_name, .. } => {
+        TaskError::Failed {
+            message, type_name, ..
+        } => {
             assert_eq!(type_name, "panic");
             assert!(message.contains("boom in"), "{message}");
         }
@@ -193,7 +253,10 @@ async fn time_limit_drops_the_future() {
         other => panic!("expected Failed, got {other:?}"),
     }
     assert!(begun.elapsed() < Duration::from_secs(5));
-    assert!(DROPPED.load(Ordering::SeqCst), "the task's future was dropped");
+    assert!(
+        DROPPED.load(Ordering::SeqCst),
+        "the task's future was dropped"
+    );
     stop(worker).await;
 }
 
@@ -219,7 +282,9 @@ async fn lease_extension_keeps_a_long_task_from_redelivery() {
     let stem = isolated_client("lease").await;
     let worker = start(&stem, &["long"], |b| b.lease(Duration::from_millis(300))).await;
     let key = format!("lease-{}", stem::TaskId::new());
-    let handle = long_runner::enqueue_on(&stem, key.clone(), 1500).await.unwrap();
+    let handle = long_runner::enqueue_on(&stem, key.clone(), 1500)
+        .await
+        .unwrap();
     // Meanwhile a rival consumer keeps asking for work on the same queue.
     let broker = Arc::clone(stem.broker());
     let rival = tokio::spawn(async move {
@@ -236,7 +301,11 @@ async fn lease_extension_keeps_a_long_task_from_redelivery() {
         stolen
     });
     assert_eq!(handle.wait(Duration::from_secs(10)).await.unwrap(), 1);
-    assert_eq!(rival.await.unwrap(), 0, "the rival never received the leased task");
+    assert_eq!(
+        rival.await.unwrap(),
+        0,
+        "the rival never received the leased task"
+    );
     assert_eq!(runs(&key).len(), 1);
     stop(worker).await;
 }
@@ -251,27 +320,47 @@ async fn graceful_shutdown_requeues_unfinished_work_and_loses_nothing() {
     let key = format!("shutdown-{}", stem::TaskId::new());
     let mut handles = Vec::new();
     for _ in 0..3 {
-        handles.push(long_runner::enqueue_on(&stem, key.clone(), 100).await.unwrap());
+        handles.push(
+            long_runner::enqueue_on(&stem, key.clone(), 100)
+                .await
+                .unwrap(),
+        );
     }
     for _ in 0..4 {
-        handles.push(long_runner::enqueue_on(&stem, key.clone(), 5_000).await.unwrap());
+        handles.push(
+            long_runner::enqueue_on(&stem, key.clone(), 5_000)
+                .await
+                .unwrap(),
+        );
     }
     // Let the short ones finish and two long ones start.
     assert!(eventually(Duration::from_secs(5), || async { runs(&key).len() == 3 }).await);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let report = stop(worker).await;
     assert_eq!(report.succeeded, 3);
-    assert!(report.requeued >= 2, "running long tasks were requeued: {report:?}");
+    assert!(
+        report.requeued >= 2,
+        "running long tasks were requeued: {report:?}"
+    );
     let stats = stem.broker().stats("long").await.unwrap();
-    assert_eq!(stats.ready, 4, "all four long tasks are back in the queue: {stats:?}");
+    assert_eq!(
+        stats.ready, 4,
+        "all four long tasks are back in the queue: {stats:?}"
+    );
     assert_eq!(stats.leased, 0);
     // No attempt was charged for the interruption.
     let broker = stem.broker();
-    let back = broker.fetch(&FetchRequest::new(["long"], 10)).await.unwrap();
+    let back = broker
+        .fetch(&FetchRequest::new(["long"], 10))
+        .await
+        .unwrap();
     assert_eq!(back.len(), 4);
     for d in &back {
         assert_eq!(d.envelope.attempt, 0);
-        broker.nack(&d.receipt, stem::Nack::after(Duration::ZERO)).await.unwrap();
+        broker
+            .nack(&d.receipt, stem::Nack::after(Duration::ZERO))
+            .await
+            .unwrap();
     }
 }
 
@@ -281,14 +370,37 @@ async fn unknown_names_and_bad_args_are_dead_lettered_with_a_reason() {
     let worker = start(&stem, &["panics"], |b| b).await;
     let unknown = Envelope::new("no::such::task", "panics", serde_json::json!({})).unwrap();
     stem.publish(unknown).await.unwrap();
-    let bad_args = Envelope::new(fine::NAME, "panics", serde_json::json!({"x": "not a number"})).unwrap();
+    let bad_args = Envelope::new(
+        fine::NAME,
+        "panics",
+        serde_json::json!({"x": "not a number"}),
+    )
+    .unwrap();
     stem.publish(bad_args).await.unwrap();
     let broker = stem.broker();
-    assert!(eventually(Duration::from_secs(5), || async { broker.dead_letter_count("panics").await.unwrap() == 2 }).await);
-    let dead = broker.dead_letters("panics", Page::first(10)).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            broker.dead_letter_count("panics").await.unwrap() == 2
+        })
+        .await
+    );
+    let dead = broker
+        .dead_letters("panics", Page::first(10))
+        .await
+        .unwrap();
     let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
-    assert!(reasons.iter().any(|r| r.contains("unknown task name `no::such::task`")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("undecodable arguments") && r.contains("invalid type")), "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("unknown task name `no::such::task`")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("undecodable arguments") && r.contains("invalid type")),
+        "{reasons:?}"
+    );
     // The worker keeps running.
     let good = fine::enqueue_on(&stem, 2).await.unwrap();
     assert_eq!(good.wait(Duration::from_secs(10)).await.unwrap(), 4);
@@ -299,17 +411,24 @@ async fn unknown_names_and_bad_args_are_dead_lettered_with_a_reason() {
 async fn revoked_tasks_are_skipped() {
     let stem = isolated_client("revoke").await;
     let key = format!("revoke-{}", stem::TaskId::new());
-    let handle = long_runner::enqueue_on(&stem, key.clone(), 1).await.unwrap();
+    let handle = long_runner::enqueue_on(&stem, key.clone(), 1)
+        .await
+        .unwrap();
     stem.revoke(handle.id()).await.unwrap();
     let worker = start(&stem, &["long"], |b| b).await;
     assert_eq!(
         handle.wait(Duration::from_secs(10)).await.unwrap_err(),
-        TaskError::Revoked { task_id: handle.id() }
+        TaskError::Revoked {
+            task_id: handle.id()
+        }
     );
-    assert!(eventually(Duration::from_secs(5), || async {
-        stem.broker().stats("long").await.unwrap() == stem::QueueStats::default()
-    })
-    .await, "the revoked delivery was acked");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            stem.broker().stats("long").await.unwrap() == stem::QueueStats::default()
+        })
+        .await,
+        "the revoked delivery was acked"
+    );
     assert!(runs(&key).is_empty(), "a revoked task never runs");
     let report = stop(worker).await;
     assert_eq!(report.revoked, 1);
@@ -321,9 +440,21 @@ async fn state_is_injected_and_results_are_recorded() {
     let worker = start(&stem, &["uses_state"], |b| b).await;
     let h = uses_state::enqueue_on(&stem, "ok".into()).await.unwrap();
     assert_eq!(h.wait(Duration::from_secs(10)).await.unwrap(), "state:ok");
-    assert!(matches!(h.state().await.unwrap(), TaskState::Succeeded { .. }));
-    let workers = stem.backend().unwrap().workers().await.unwrap();
-    assert!(workers.iter().any(|w| w.alive && w.heartbeat.queues == ["uses_state"]));
+    assert!(matches!(
+        h.state().await.unwrap(),
+        TaskState::Succeeded { .. }
+    ));
+    let backend = stem.backend().unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let workers = backend.workers().await.unwrap();
+            workers
+                .iter()
+                .any(|w| w.alive && w.heartbeat.queues == ["uses_state"])
+        })
+        .await,
+        "the worker's heartbeat is recorded"
+    );
     stop(worker).await;
 }
 
@@ -332,5 +463,8 @@ async fn a_worker_without_required_state_refuses_to_start() {
     let stem = isolated_client("nostate").await;
     let err = Worker::builder().client(&stem).build().await.unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("uses_state") && msg.contains("Marker"), "{msg}");
+    assert!(
+        msg.contains("uses_state") && msg.contains("Marker"),
+        "{msg}"
+    );
 }

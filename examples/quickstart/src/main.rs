@@ -1,7 +1,11 @@
 //! Stem quickstart: three tasks enqueued and run in one process on the
 //! embedded default broker, printing their typed results.
 //!
-//! Run it with `cargo run -p quickstart`.
+//! Run it with `cargo run -p quickstart` (add `RUST_LOG=info` to see the
+//! worker's logs).
+
+// A program that shows its results prints them.
+#![allow(clippy::print_stdout)]
 
 use std::time::Duration;
 
@@ -31,7 +35,11 @@ async fn add(a: i64, b: i64) -> i64 {
 /// Greets someone, reporting which attempt ran it.
 #[stem::task(queue = "greetings", retries = 2, timeout = "5s")]
 async fn greet(ctx: stem::Context, name: String) -> String {
-    format!("Hello, {name}! (task {}, attempt {})", ctx.id(), ctx.attempt())
+    format!(
+        "Hello, {name}! (task {}, attempt {})",
+        ctx.id(),
+        ctx.attempt()
+    )
 }
 
 /// Totals an order; fails for an empty one.
@@ -50,14 +58,14 @@ async fn price_order(lines: Vec<Line>) -> Result<u64, PricingError> {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into()),
         )
         .init();
 
-    // The embedded default: an in-memory broker and result backend.
-    let stem = stem::connect("memory://").await?;
-    stem.install_default();
+    // The embedded default: with no STEM_BROKER_URL this is a SQLite file
+    // (durable, shared with every Stem process on this host).
+    let stem = stem::Stem::default_client().await?;
+    println!("broker: {}", stem.broker().describe());
 
     // A worker in this process, consuming every task's queue.
     let worker = stem::worker::Worker::builder()
@@ -72,8 +80,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let total = price_order::with()
         .priority(9)
         .enqueue(vec![
-            Line { sku: "tea".into(), quantity: 2, unit_cents: 450 },
-            Line { sku: "cake".into(), quantity: 1, unit_cents: 320 },
+            Line {
+                sku: "tea".into(),
+                quantity: 2,
+                unit_cents: 450,
+            },
+            Line {
+                sku: "cake".into(),
+                quantity: 1,
+                unit_cents: 320,
+            },
         ])
         .await?;
     let empty = price_order::enqueue(Vec::new()).await?;

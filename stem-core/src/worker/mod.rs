@@ -4,7 +4,7 @@
 //! `stem::worker::run().await` is a complete worker binary's `main`; the
 //! [`Worker::builder`] is the programmatic form.
 //!
-//! ```
+//! ```no_run
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
 //! use stem_core::worker::Worker;
@@ -19,7 +19,7 @@
 //! let handle = worker.start();
 //! handle.shutdown();
 //! let report = handle.join().await;
-//! assert_eq!(report.succeeded, 0);
+//! println!("{} tasks succeeded", report.succeeded);
 //! # Ok(()) }
 //! ```
 //!

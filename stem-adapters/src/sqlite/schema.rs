@@ -1,0 +1,153 @@
+//! The schema, versioned with `PRAGMA user_version` and migrated inside
+//! `BEGIN IMMEDIATE`, which takes the write lock first: of two processes
+//! opening a new file at once, one migrates and the other then sees the
+//! new version and does nothing.
+
+use sqlx::{Row, SqlitePool};
+
+/// Each entry upgrades the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: jobs, dead letters, unique keys, broadcasts, results, groups,
+    // heartbeats, revocations.
+    r"
+    CREATE TABLE stem_jobs (
+        seq        INTEGER PRIMARY KEY,
+        ns         TEXT    NOT NULL,
+        id         TEXT    NOT NULL,
+        queue      TEXT    NOT NULL,
+        priority   INTEGER NOT NULL,
+        state      INTEGER NOT NULL,   -- 0 ready, 1 delayed, 2 leased
+        due_ms     INTEGER NOT NULL,   -- delayed: not before; leased: lease deadline
+        token      INTEGER NOT NULL DEFAULT 0,
+        deliveries INTEGER NOT NULL DEFAULT 0,
+        unique_key TEXT,
+        unique_on_finish INTEGER NOT NULL DEFAULT 0,
+        payload    BLOB    NOT NULL
+    );
+    CREATE UNIQUE INDEX stem_jobs_id ON stem_jobs (ns, id);
+    CREATE INDEX stem_jobs_ready ON stem_jobs (ns, queue, state, priority DESC, seq);
+    CREATE INDEX stem_jobs_due ON stem_jobs (ns, state, due_ms);
+
+    CREATE TABLE stem_dead (
+        seq        INTEGER PRIMARY KEY,
+        ns         TEXT    NOT NULL,
+        queue      TEXT    NOT NULL,
+        id         TEXT    NOT NULL,
+        reason     TEXT    NOT NULL,
+        error      TEXT,
+        dead_ms    INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        envelope   BLOB,
+        raw        TEXT
+    );
+    CREATE INDEX stem_dead_queue ON stem_dead (ns, queue, seq);
+    CREATE INDEX stem_dead_expiry ON stem_dead (ns, expires_ms);
+
+    CREATE TABLE stem_unique (
+        ns         TEXT    NOT NULL,
+        key        TEXT    NOT NULL,
+        holder     TEXT    NOT NULL,
+        until_ms   INTEGER NOT NULL,
+        PRIMARY KEY (ns, key)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE stem_broadcast (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        ns         TEXT    NOT NULL,
+        channel    TEXT    NOT NULL,
+        payload    TEXT    NOT NULL,
+        sent_ms    INTEGER NOT NULL
+    );
+    CREATE INDEX stem_broadcast_channel ON stem_broadcast (ns, channel, seq);
+
+    CREATE TABLE stem_results (
+        ns         TEXT    NOT NULL,
+        id         TEXT    NOT NULL,
+        state      TEXT    NOT NULL,
+        terminal   INTEGER NOT NULL,
+        attempts   INTEGER NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        record     BLOB    NOT NULL,
+        PRIMARY KEY (ns, id)
+    ) WITHOUT ROWID;
+    CREATE INDEX stem_results_expiry ON stem_results (ns, expires_ms);
+
+    CREATE TABLE stem_groups (
+        ns         TEXT    NOT NULL,
+        id         TEXT    NOT NULL,
+        members    TEXT    NOT NULL,
+        callback   BLOB,
+        fired      INTEGER NOT NULL DEFAULT 0,
+        expires_ms INTEGER NOT NULL,
+        PRIMARY KEY (ns, id)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE stem_workers (
+        ns         TEXT    NOT NULL,
+        worker_id  TEXT    NOT NULL,
+        seen_ms    INTEGER NOT NULL,
+        heartbeat  BLOB    NOT NULL,
+        PRIMARY KEY (ns, worker_id)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE stem_revoked (
+        ns         TEXT    NOT NULL,
+        id         TEXT    NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        PRIMARY KEY (ns, id)
+    ) WITHOUT ROWID;
+    ",
+];
+
+/// The schema version this build writes.
+pub(crate) const VERSION: i64 = MIGRATIONS.len() as i64;
+
+pub(crate) async fn migrate(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let current: i64 = sqlx::query("PRAGMA user_version")
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get(0)?;
+    if current == VERSION {
+        return Ok(());
+    }
+    if current > VERSION {
+        return Err(sqlx::Error::Protocol(format!(
+            "the database schema is version {current}, newer than this build's {VERSION}: upgrade Stem"
+        )));
+    }
+    sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+    let result = async {
+        let current: i64 = sqlx::query("PRAGMA user_version")
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
+        for (i, sql) in MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(current).unwrap_or(0))
+        {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(*sql))
+                .execute(&mut *conn)
+                .await?;
+            tracing::info!(version = i + 1, "SQLite schema migrated");
+        }
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "PRAGMA user_version = {VERSION}"
+        )))
+        .execute(&mut *conn)
+        .await?;
+        Ok::<(), sqlx::Error>(())
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
+            Ok(())
+        }
+        Err(e) => {
+            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,6 @@
+#[stem::task(name = "")]
+async fn send(to: String) {
+    let _ = to;
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[stem::task]
+struct Send {
+    to: String,
+}
+
+fn main() {}

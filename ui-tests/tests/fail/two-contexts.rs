@@ -1,0 +1,6 @@
+#[stem::task]
+async fn send(ctx: stem::Context, to: String, again: stem::Context) {
+    let _ = (ctx, to, again);
+}
+
+fn main() {}
