@@ -263,7 +263,9 @@ pub trait ResultBackend: Send + Sync + 'static {
     async fn wait(&self, id: TaskId, timeout: Duration)
     -> Result<Option<TaskRecord>, BackendError>;
 
-    /// Creates a group (R4, R5).
+    /// Creates a group (R4, R5). Creating a group whose id already exists
+    /// leaves the existing one as it is, so a retried call can never re-arm
+    /// a chord that already fired.
     async fn create_group(&self, group: GroupSpec) -> Result<(), BackendError>;
 
     /// Reads a group's members' records in order (R4).

@@ -203,7 +203,7 @@ impl ResultBackend for SqliteBackend {
             .map(Envelope::encode)
             .transpose()
             .map_err(|e| BackendError::Invalid(e.to_string()))?;
-        sqlx::query("INSERT OR REPLACE INTO stem_groups (ns, id, members, callback, fired, expires_ms) VALUES (?, ?, ?, ?, 0, ?)")
+        sqlx::query("INSERT OR IGNORE INTO stem_groups (ns, id, members, callback, fired, expires_ms) VALUES (?, ?, ?, ?, 0, ?)")
             .bind(&self.opts.namespace)
             .bind(group.id.to_string())
             .bind(ids_json(&group.members))

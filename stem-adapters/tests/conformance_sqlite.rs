@@ -1,0 +1,97 @@
+//! The conformance kit against the SQLite adapter: every clause of
+//! CONTRACT.md, each case in its own database file and namespace.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::Connection;
+use stem_adapters::sqlite::{SqliteBackend, SqliteBroker, SqliteOptions};
+use stem_core::kit::{AdapterFactory, KitOptions};
+use stem_core::{Broker, ResultBackend};
+
+struct SqliteFactory;
+
+impl SqliteFactory {
+    fn path(opts: &KitOptions) -> PathBuf {
+        std::env::temp_dir()
+            .join("stem-kit")
+            .join(format!("{}.db", opts.namespace))
+    }
+
+    fn options(opts: &KitOptions) -> SqliteOptions {
+        SqliteOptions {
+            namespace: opts.namespace.clone(),
+            poll_interval: Duration::from_millis(50),
+            max_envelope_bytes: opts.max_envelope_bytes,
+            dead_letter_retention: opts.dead_letter_retention,
+            ..SqliteOptions::default()
+        }
+    }
+
+    async fn open(opts: &KitOptions) -> SqliteBroker {
+        SqliteBroker::open(Self::path(opts), Self::options(opts))
+            .await
+            .unwrap_or_else(|e| panic!("SQLite opens: {e}"))
+    }
+}
+
+#[async_trait::async_trait]
+impl AdapterFactory for SqliteFactory {
+    fn name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn broker(&self, opts: &KitOptions) -> Arc<dyn Broker> {
+        Arc::new(Self::open(opts).await)
+    }
+
+    async fn backend(&self, opts: &KitOptions) -> Arc<dyn ResultBackend> {
+        Arc::new(
+            SqliteBackend::open(Self::path(opts), Self::options(opts))
+                .await
+                .unwrap_or_else(|e| panic!("SQLite opens: {e}")),
+        )
+    }
+
+    async fn insert_garbage(&self, opts: &KitOptions, queue: &str, bytes: &[u8]) {
+        Self::open(opts)
+            .await
+            .insert_raw(queue, bytes)
+            .await
+            .unwrap_or_else(|e| panic!("garbage row inserted: {e}"));
+    }
+
+    async fn cleanup(&self, opts: &KitOptions) {
+        let path = Self::path(opts);
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    /// An outage as SQLite knows one: another process holds the database
+    /// exclusively for a second; the client under test must ride it out.
+    async fn disrupt(&self, opts: &KitOptions) -> Option<()> {
+        let url = format!("sqlite://{}", Self::path(opts).display());
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.ok()?;
+        sqlx::raw_sql("BEGIN EXCLUSIVE")
+            .execute(&mut conn)
+            .await
+            .ok()?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        sqlx::raw_sql("COMMIT").execute(&mut conn).await.ok()?;
+        conn.close().await.ok()?;
+        Some(())
+    }
+
+    fn tick(&self) -> Duration {
+        Duration::from_millis(50)
+    }
+}
+
+mod conformance {
+    use super::SqliteFactory;
+    stem_core::conformance_tests!(sqlite, SqliteFactory);
+}
