@@ -284,6 +284,9 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Leases up to `req.max` ready envelopes (B2, B3, B8, B9, B10), waiting
     /// up to `req.wait` for the first.
+    ///
+    /// Must be cancel-safe while it waits: a fetch dropped before it claimed
+    /// anything loses nothing (workers drop an idle fetch at shutdown).
     async fn fetch(&self, req: &FetchRequest) -> Result<Vec<Delivery>, BrokerError>;
 
     /// Completes a delivery for good (B4).

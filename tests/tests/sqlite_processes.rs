@@ -272,3 +272,36 @@ async fn broadcast_reaches_a_subscriber_in_another_process() {
     }
     drop(sub);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_in_another_process_is_woken_without_polling() {
+    let (_dir, db, ledger_path) = setup("wake");
+    // Poll every 30 s: anything faster than that is a wake-up.
+    let slow_poll = format!("sqlite://{}?poll=30s", db.display());
+    let stem = stem::connect_with(&slow_poll, None, "stem").await.unwrap();
+    let warm_up = ledger_noop::enqueue_on(&stem, 1).await.unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_e2e-worker"))
+        .env("STEM_BROKER_URL", &slow_poll)
+        .env_remove("STEM_RESULT_BACKEND_URL")
+        .env_remove("STEM_NAMESPACE")
+        .env(LEDGER_VAR, &ledger_path)
+        .env("STEM_QUEUES", "e2e")
+        .env("STEM_POLL_INTERVAL", "30s")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("worker starts");
+    let worker = Proc(child);
+    // The worker claims the warm-up at start; its result wakes this process.
+    assert_eq!(warm_up.wait(Duration::from_secs(20)).await.unwrap(), 2);
+    // Let this process notice the worker's socket, then leave it idle.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let begun = Instant::now();
+    let h = ledger_noop::enqueue_on(&stem, 2).await.unwrap();
+    assert_eq!(h.wait(Duration::from_secs(20)).await.unwrap(), 4);
+    let took = begun.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "round trip took {took:?}: with 30 s polling only a wake-up explains a fast answer"
+    );
+    worker.terminate();
+}

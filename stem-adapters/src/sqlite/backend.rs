@@ -10,6 +10,7 @@ use stem_core::backend::{GroupSpec, GroupStatus, WorkerHeartbeat, WorkerStatus};
 use stem_core::{BackendError, Envelope, ResultBackend, TaskId, TaskRecord};
 
 use super::shared::{self, Shared};
+use super::wake::Kind;
 use super::{SqliteOptions, ms_of, now_ms};
 
 /// A result backend on a SQLite file.
@@ -134,7 +135,7 @@ impl ResultBackend for SqliteBackend {
     async fn store(&self, record: TaskRecord) -> Result<bool, BackendError> {
         let written = self.upsert(&self.shared.pool, &record, now_ms()).await?;
         if written {
-            self.shared.results_changed.notify_waiters();
+            self.shared.wake.signal(Kind::Results);
         }
         Ok(written)
     }
@@ -156,7 +157,7 @@ impl ResultBackend for SqliteBackend {
             let e = self.err(&e);
             return records.iter().map(|_| Err(e.clone())).collect();
         }
-        self.shared.results_changed.notify_waiters();
+        self.shared.wake.signal(Kind::Results);
         out
     }
 
@@ -180,7 +181,7 @@ impl ResultBackend for SqliteBackend {
     ) -> Result<Option<TaskRecord>, BackendError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let notified = self.shared.results_changed.notified();
+            let notified = self.shared.wake.signals.results.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let rec = self.get(id).await?;

@@ -17,6 +17,7 @@ use stem_core::envelope::validate_queue_name;
 use stem_core::{Broker, BrokerError, Envelope, TaskId, UniqueRelease};
 
 use super::shared::{self, Shared};
+use super::wake::Kind;
 use super::{SqliteOptions, ms_of};
 
 /// SQLite's clock in milliseconds: every judgment of time (due, lease,
@@ -138,7 +139,7 @@ impl SqliteBroker {
             .execute(&self.shared.pool)
             .await
             .map_err(|e| self.err(&e))?;
-        self.shared.jobs_changed.notify_waiters();
+        self.shared.wake.signal(Kind::Jobs);
         Ok(())
     }
 
@@ -252,7 +253,7 @@ impl SqliteBroker {
         }
         tx.commit().await.map_err(|e| self.err(&e))?;
         if items.iter().any(|p| p.state == 0) {
-            self.shared.jobs_changed.notify_waiters();
+            self.shared.wake.signal(Kind::Jobs);
         }
         Ok(out)
     }
@@ -460,7 +461,7 @@ impl Broker for SqliteBroker {
             .await
             .map_err(|e| self.err(&e))?;
         if p.state == 0 {
-            self.shared.jobs_changed.notify_waiters();
+            self.shared.wake.signal(Kind::Jobs);
         }
         Ok(Published::Stored(id))
     }
@@ -485,7 +486,7 @@ impl Broker for SqliteBroker {
         }
         let deadline = tokio::time::Instant::now() + req.wait;
         loop {
-            let notified = self.shared.jobs_changed.notified();
+            let notified = self.shared.wake.signals.jobs.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let got = self.claim(req).await?;
@@ -580,7 +581,7 @@ impl Broker for SqliteBroker {
             });
         }
         if state == 0 {
-            self.shared.jobs_changed.notify_waiters();
+            self.shared.wake.signal(Kind::Jobs);
         }
         Ok(())
     }
@@ -691,7 +692,7 @@ impl Broker for SqliteBroker {
         }
         tx.commit().await.map_err(|e| self.err(&e))?;
         if replayed > 0 {
-            self.shared.jobs_changed.notify_waiters();
+            self.shared.wake.signal(Kind::Jobs);
         }
         Ok(replayed)
     }
@@ -775,7 +776,7 @@ impl Broker for SqliteBroker {
         .execute(&self.shared.pool)
         .await
         .map_err(|e| self.err(&e))?;
-        self.shared.broadcast_changed.notify_waiters();
+        self.shared.wake.signal(Kind::Broadcast);
         Ok(())
     }
 
@@ -797,7 +798,7 @@ impl Broker for SqliteBroker {
         let poll = self.opts.poll_interval;
         tokio::spawn(async move {
             while !tx.is_closed() {
-                let notified = shared.broadcast_changed.notified();
+                let notified = shared.wake.signals.broadcast.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
                 let rows: Result<Vec<(i64, String)>, _> = sqlx::query_as(

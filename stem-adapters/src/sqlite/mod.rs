@@ -32,6 +32,7 @@ mod backend;
 mod broker;
 mod schema;
 mod shared;
+mod wake;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -6,23 +6,18 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use super::wake::Wake;
+use super::{SqliteOptions, schema};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use tokio::sync::Notify;
-
-use super::{SqliteOptions, schema};
 
 /// What clients of one file share.
 pub(crate) struct Shared {
     pub(crate) pool: SqlitePool,
     pub(crate) path: PathBuf,
-    /// Fired when this process makes work ready (publish, nack, replay).
-    pub(crate) jobs_changed: Notify,
-    /// Fired when this process writes a task record.
-    pub(crate) results_changed: Notify,
-    /// Fired when this process sends a broadcast.
-    pub(crate) broadcast_changed: Notify,
+    /// Wakes waiters in this process and in the others on the same file.
+    pub(crate) wake: Wake,
 }
 
 impl Shared {
@@ -101,9 +96,7 @@ pub(crate) async fn open(path: &Path, opts: &SqliteOptions) -> Result<Arc<Shared
     let shared = Arc::new(Shared {
         pool,
         path: key.clone(),
-        jobs_changed: Notify::new(),
-        results_changed: Notify::new(),
-        broadcast_changed: Notify::new(),
+        wake: Wake::new(&key),
     });
     let mut reg = registry()
         .lock()

@@ -39,7 +39,16 @@ pub(crate) async fn run(rt: Arc<Runtime>) {
             }
         }
         req.max = permits.len();
-        let deliveries = match rt.broker.fetch(&req).await {
+        // Shutdown does not wait for an idle fetch to time out: the fetch is
+        // dropped. Adapters' fetches lose nothing when dropped while they
+        // wait; one dropped mid-claim leaves its claims leased until the
+        // lease expires, after which they are delivered again.
+        let fetched = tokio::select! {
+            biased;
+            r = rt.broker.fetch(&req) => r,
+            () = rt.stop.cancelled() => break,
+        };
+        let deliveries = match fetched {
             Ok(d) => {
                 backoff = Duration::from_millis(50);
                 d
