@@ -258,6 +258,24 @@ impl SqliteBroker {
         Ok(out)
     }
 
+    /// A read-only look for anything a claim could take: cheap, and it
+    /// takes no write lock, so idle consumers polling it neither burn CPU
+    /// nor get in the producers' way.
+    async fn anything_claimable(&self, queues: &[String]) -> Result<bool, BrokerError> {
+        let queues =
+            serde_json::to_string(queues).map_err(|e| BrokerError::Invalid(e.to_string()))?;
+        sqlx::query_scalar(concat!(
+            "SELECT EXISTS (SELECT 1 FROM stem_jobs WHERE ns = ?1 AND state IN (1, 2) AND due_ms <= ",
+            now_sql!(),
+            ") OR EXISTS (SELECT 1 FROM stem_jobs WHERE ns = ?1 AND state = 0 AND queue IN (SELECT value FROM json_each(?2)))"
+        ))
+        .bind(&self.opts.namespace)
+        .bind(queues)
+        .fetch_one(&self.shared.pool)
+        .await
+        .map_err(|e| self.err(&e))
+    }
+
     /// One claim transaction: promote due rows, then lease up to `req.max`
     /// ready rows across the queues, fairly.
     async fn claim(&self, req: &FetchRequest) -> Result<Vec<Delivery>, BrokerError> {
@@ -485,20 +503,27 @@ impl Broker for SqliteBroker {
             validate_queue_name(q)?;
         }
         let deadline = tokio::time::Instant::now() + req.wait;
+        // After a timer wake-up (nothing signalled work), look before
+        // taking the write lock.
+        let mut look_first = false;
         loop {
             let notified = self.shared.wake.signals.jobs.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let got = self.claim(req).await?;
+            let got = if look_first && !self.anything_claimable(&req.queues).await? {
+                Vec::new()
+            } else {
+                self.claim(req).await?
+            };
             let now = tokio::time::Instant::now();
             if !got.is_empty() || now >= deadline {
                 return Ok(got);
             }
             let nap = (deadline - now).min(self.opts.poll_interval);
-            tokio::select! {
-                () = notified => {}
-                () = tokio::time::sleep(nap) => {}
-            }
+            look_first = tokio::select! {
+                () = notified => false,
+                () = tokio::time::sleep(nap) => true,
+            };
         }
     }
 
