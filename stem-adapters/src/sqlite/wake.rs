@@ -203,6 +203,8 @@ impl Drop for Remote {
     fn drop(&mut self) {
         self.receiver.abort();
         let _ = std::fs::remove_file(&self.own);
+        // The last process out removes the directory (it fails while others use it).
+        let _ = std::fs::remove_dir(&self.dir);
     }
 }
 
