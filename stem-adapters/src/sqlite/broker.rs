@@ -1,5 +1,6 @@
 //! The SQLite broker.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,6 +28,9 @@ macro_rules! now_sql {
         "CAST(unixepoch('subsec') * 1000 AS INTEGER)"
     };
 }
+
+/// Receipts per batched ack statement (3 parameters each).
+const ACK_CHUNK: usize = 300;
 
 /// Rows per multi-row INSERT (8 parameters each, well under SQLite's limit).
 const INSERT_CHUNK: usize = 500;
@@ -420,6 +424,56 @@ impl SqliteBroker {
         Ok((queue, payload))
     }
 
+    /// Deletes the rows behind `receipts` in one transaction, one statement
+    /// per chunk, each row fenced by its own token; returns the ids acked.
+    async fn ack_batch(&self, receipts: &[Receipt]) -> Result<HashSet<TaskId>, BrokerError> {
+        let mut acked = HashSet::with_capacity(receipts.len());
+        let mut tx = self.begin().await?;
+        for chunk in receipts.chunks(ACK_CHUNK) {
+            // id IN (..) uses the (ns, id) index; the CASE fences each row by
+            // the token of its own lease.
+            let mut sql =
+                String::from("DELETE FROM stem_jobs WHERE ns = ? AND state IN (0, 2) AND id IN (");
+            for i in 0..chunk.len() {
+                sql.push_str(if i == 0 { "?" } else { ", ?" });
+            }
+            sql.push_str(") AND token = CASE id");
+            for _ in chunk {
+                sql.push_str(" WHEN ? THEN ?");
+            }
+            sql.push_str(" END RETURNING id, unique_key, unique_on_finish");
+            let ids: Vec<String> = chunk.iter().map(|r| r.task_id.to_string()).collect();
+            let mut q =
+                sqlx::query_as::<_, (String, Option<String>, i64)>(sqlx::AssertSqlSafe(sql))
+                    .bind(&self.opts.namespace);
+            for id in &ids {
+                q = q.bind(id);
+            }
+            for (id, r) in ids.iter().zip(chunk) {
+                q = q.bind(id).bind(i64::try_from(r.token).unwrap_or(-1));
+            }
+            let rows = q.fetch_all(&mut *tx).await.map_err(|e| self.err(&e))?;
+            for (id, unique_key, on_finish) in rows {
+                if on_finish != 0
+                    && let Some(key) = unique_key
+                {
+                    sqlx::query("DELETE FROM stem_unique WHERE ns = ? AND key = ? AND holder = ?")
+                        .bind(&self.opts.namespace)
+                        .bind(key)
+                        .bind(&id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| self.err(&e))?;
+                }
+                if let Ok(id) = id.parse::<TaskId>() {
+                    acked.insert(id);
+                }
+            }
+        }
+        tx.commit().await.map_err(|e| self.err(&e))?;
+        Ok(acked)
+    }
+
     fn dead_letter_of(&self, row: &SqliteRow) -> DeadLetter {
         let id: String = row.get(0);
         let envelope: Option<Vec<u8>> = row.get(5);
@@ -534,19 +588,19 @@ impl Broker for SqliteBroker {
     }
 
     async fn ack_many(&self, receipts: &[Receipt]) -> Vec<Result<(), BrokerError>> {
-        let mut tx = match self.begin().await {
-            Ok(tx) => tx,
-            Err(e) => return receipts.iter().map(|_| Err(e.clone())).collect(),
-        };
-        let mut out = Vec::with_capacity(receipts.len());
-        for r in receipts {
-            out.push(self.take_row(&mut tx, r).await.map(|_| ()));
+        match self.ack_batch(receipts).await {
+            Ok(acked) => receipts
+                .iter()
+                .map(|r| {
+                    if acked.contains(&r.task_id) {
+                        Ok(())
+                    } else {
+                        Err(BrokerError::LeaseLost { task_id: r.task_id })
+                    }
+                })
+                .collect(),
+            Err(e) => receipts.iter().map(|_| Err(e.clone())).collect(),
         }
-        if let Err(e) = tx.commit().await {
-            let e = self.err(&e);
-            return receipts.iter().map(|_| Err(e.clone())).collect();
-        }
-        out
     }
 
     async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<(), BrokerError> {
