@@ -3,6 +3,7 @@
 //! task rather than losing its result. It drains everything sent to it,
 //! shutdown or not.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -74,7 +75,24 @@ pub(crate) async fn run(rt: CompleterParts, mut rx: mpsc::UnboundedReceiver<Comp
 
 async fn flush(rt: &CompleterParts, batch: &mut Vec<Completion>) {
     if let Some(backend) = &rt.backend {
-        let records: Vec<TaskRecord> = batch.iter().filter_map(|c| c.record.clone()).collect();
+        // A fast task's `Started` and final record often share a batch:
+        // write only the last record of each task.
+        let mut last: HashMap<TaskId, usize> = HashMap::with_capacity(batch.len());
+        for (i, c) in batch.iter().enumerate() {
+            if let Some(r) = &c.record {
+                last.insert(r.id, i);
+            }
+        }
+        let records: Vec<TaskRecord> = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                c.record
+                    .as_ref()
+                    .filter(|r| last.get(&r.id) == Some(&i))
+                    .cloned()
+            })
+            .collect();
         if !records.is_empty() {
             store_with_retry(backend.as_ref(), records).await;
         }
