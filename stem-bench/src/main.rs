@@ -94,6 +94,9 @@ struct Cli {
     /// Deliveries claimed per fetch (default: the runtime's, = concurrency).
     #[arg(long)]
     prefetch: Option<usize>,
+    /// The worker's longest wait per fetch, e.g. `100ms` (default: the runtime's).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    poll_interval: Option<Duration>,
     /// Tasks per `enqueue_many` call (enqueue-batch, and the drain preload).
     #[arg(long, default_value_t = 500)]
     batch: usize,
@@ -178,6 +181,7 @@ async fn run(cli: Cli) -> Res<bool> {
     let worker = WorkerSettings {
         concurrency: cli.concurrency,
         prefetch: cli.prefetch,
+        poll_interval: cli.poll_interval,
     };
     if let Some(out) = &cli.internal_worker {
         let ns = cli.internal_namespace.as_deref().unwrap_or_default();
@@ -285,7 +289,11 @@ async fn run_bench(bench: &Bench, scenario: Scenario, json: bool) -> Res<bool> {
 }
 
 /// The CI smoke test: small sizes, both adapters, JSON, exactly-once checked.
-async fn smoke(cli: &Cli, worker: WorkerSettings, scratch: PathBuf) -> Res<bool> {
+async fn smoke(cli: &Cli, mut worker: WorkerSettings, scratch: PathBuf) -> Res<bool> {
+    // A short fetch wait so that idle workers stop quickly between scenarios.
+    worker
+        .poll_interval
+        .get_or_insert(Duration::from_millis(100));
     let dir = tempfile::Builder::new()
         .prefix("stem-bench-smoke-")
         .tempdir_in(&scratch)?;

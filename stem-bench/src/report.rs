@@ -14,6 +14,8 @@ pub(crate) struct Settings {
     pub(crate) concurrency: usize,
     /// Deliveries claimed per fetch.
     pub(crate) prefetch: usize,
+    /// The worker's longest wait per fetch, ms.
+    pub(crate) poll_interval_ms: f64,
     /// Tasks per `enqueue_many` call.
     pub(crate) batch: usize,
     /// Padding carried by each task's arguments.
@@ -190,6 +192,7 @@ mod tests {
                 tasks: 1000,
                 concurrency: 16,
                 prefetch: 16,
+                poll_interval_ms: 1000.0,
                 batch: 500,
                 payload_bytes: 0,
                 rate: 500,

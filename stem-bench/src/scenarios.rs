@@ -134,7 +134,7 @@ impl Bench {
         let ns = self.namespace(s);
         let wall = Instant::now();
         let client = workers::client(&self.broker, self.backend.as_deref(), &ns).await?;
-        let (concurrency, prefetch) = self.effective_worker_settings(&client).await?;
+        let (concurrency, prefetch, poll) = self.effective_worker_settings(&client).await?;
         let m = match s {
             Scenario::Enqueue => self.enqueue(&client, false).await?,
             Scenario::EnqueueBatch => self.enqueue(&client, true).await?,
@@ -158,6 +158,7 @@ impl Bench {
                 tasks: m.tasks,
                 concurrency,
                 prefetch,
+                poll_interval_ms: poll.as_secs_f64() * 1e3,
                 batch: self.batch,
                 payload_bytes: self.payload_bytes,
                 rate: self.rate,
@@ -192,13 +193,15 @@ impl Bench {
         Ok(r)
     }
 
-    /// The concurrency and prefetch a worker built with these settings gets.
-    async fn effective_worker_settings(&self, client: &Stem) -> Res<(usize, usize)> {
+    /// The concurrency, prefetch and poll interval a worker built with
+    /// these settings gets.
+    async fn effective_worker_settings(&self, client: &Stem) -> Res<(usize, usize, Duration)> {
         let probe = Probe(Arc::new(Recorder::counting(0)));
         let w = workers::builder(client, probe, &self.worker)
             .build()
             .await?;
-        Ok((w.config().concurrency, w.config().prefetch))
+        let c = w.config();
+        Ok((c.concurrency, c.prefetch, c.poll_interval))
     }
 
     /// Frees a `memory://` scenario's queues (a no-op for other adapters).
@@ -307,11 +310,13 @@ impl Bench {
             let elapsed = t0.elapsed();
             let cpu_s = sys::cpu_seconds("self")? - cpu0;
             let rss = sys::peak_rss_kib("self")?;
+            let t_stop = Instant::now();
             worker.shutdown();
             let report = worker.join().await;
             done?;
             notes.push(format!(
-                "timed from Worker::start; worker report: {report:?}"
+                "timed from Worker::start; worker report: {report:?}; shutdown + join of the idle worker took {:.0} ms (untimed)",
+                t_stop.elapsed().as_secs_f64() * 1e3
             ));
             Ok(Measured {
                 tasks: n,

@@ -24,6 +24,8 @@ pub(crate) struct WorkerSettings {
     pub(crate) concurrency: Option<usize>,
     /// Deliveries per fetch (`None`: the runtime's default).
     pub(crate) prefetch: Option<usize>,
+    /// Longest wait per fetch (`None`: the runtime's default).
+    pub(crate) poll_interval: Option<Duration>,
 }
 
 /// A worker builder on `client` consuming the bench queue, with `probe` as state.
@@ -38,6 +40,9 @@ pub(crate) fn builder(client: &Stem, probe: Probe, settings: &WorkerSettings) ->
     }
     if let Some(p) = settings.prefetch {
         b = b.prefetch(p);
+    }
+    if let Some(d) = settings.poll_interval {
+        b = b.poll_interval(d);
     }
     b
 }
@@ -162,6 +167,10 @@ impl WorkerProcess {
         }
         if let Some(p) = settings.prefetch {
             cmd.arg("--prefetch").arg(p.to_string());
+        }
+        if let Some(d) = settings.poll_interval {
+            cmd.arg("--poll-interval")
+                .arg(humantime::format_duration(d).to_string());
         }
         let child = cmd
             .stdin(Stdio::null())
