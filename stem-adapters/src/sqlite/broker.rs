@@ -788,12 +788,15 @@ impl Broker for SqliteBroker {
 
     async fn stats(&self, queue: &str) -> Result<QueueStats, BrokerError> {
         let now = db_now(&self.shared.pool).await.map_err(|e| self.err(&e))?;
+        // Ready rows are counted from the covering index alone; only the
+        // (few) delayed and leased rows are read to compare their due time.
         let (ready, delayed, leased): (i64, i64, i64) = sqlx::query_as(
             "SELECT \
-               COALESCE(SUM(CASE WHEN state = 0 OR due_ms <= ?1 THEN 1 ELSE 0 END), 0), \
+               (SELECT COUNT(*) FROM stem_jobs WHERE ns = ?2 AND queue = ?3 AND state = 0) \
+                 + COALESCE(SUM(CASE WHEN due_ms <= ?1 THEN 1 ELSE 0 END), 0), \
                COALESCE(SUM(CASE WHEN state = 1 AND due_ms > ?1 THEN 1 ELSE 0 END), 0), \
                COALESCE(SUM(CASE WHEN state = 2 AND due_ms > ?1 THEN 1 ELSE 0 END), 0) \
-             FROM stem_jobs WHERE ns = ?2 AND queue = ?3",
+             FROM stem_jobs WHERE ns = ?2 AND queue = ?3 AND state IN (1, 2)",
         )
         .bind(now)
         .bind(&self.opts.namespace)

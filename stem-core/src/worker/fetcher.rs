@@ -32,10 +32,26 @@ pub(crate) async fn run(rt: Arc<Runtime>) {
             },
         };
         let mut permits = vec![first];
-        while permits.len() < rt.config.prefetch {
-            match Arc::clone(&rt.slots).try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
+        take_free(&rt, &mut permits);
+        // When busy, slots free up one at a time; claiming each alone would
+        // cost the broker a round trip per task. Wait a moment for half a
+        // batch to gather (never when idle: then every slot is free).
+        let want = (rt.config.prefetch / 2).max(1);
+        if permits.len() < want {
+            let gather = tokio::time::sleep(GATHER);
+            tokio::pin!(gather);
+            while permits.len() < want {
+                tokio::select! {
+                    biased;
+                    p = Arc::clone(&rt.slots).acquire_owned() => match p {
+                        Ok(p) => {
+                            permits.push(p);
+                            take_free(&rt, &mut permits);
+                        }
+                        Err(_) => break,
+                    },
+                    () = &mut gather => break,
+                }
             }
         }
         req.max = permits.len();
@@ -87,6 +103,18 @@ pub(crate) async fn run(rt: Arc<Runtime>) {
         }
     }
     tracing::debug!("fetcher stopped");
+}
+
+/// Longest the fetcher waits for more free slots before claiming.
+const GATHER: Duration = Duration::from_millis(2);
+
+fn take_free(rt: &Runtime, permits: &mut Vec<tokio::sync::OwnedSemaphorePermit>) {
+    while permits.len() < rt.config.prefetch {
+        match Arc::clone(&rt.slots).try_acquire_owned() {
+            Ok(p) => permits.push(p),
+            Err(_) => break,
+        }
+    }
 }
 
 fn requeue(rt: &Runtime, deliveries: Vec<Delivery>) {
