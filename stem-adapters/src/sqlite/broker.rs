@@ -434,8 +434,9 @@ impl SqliteBroker {
             // index for `state IN (0, 2)` and scan the whole backlog per ack
             // (seen in the drain profile: the rate fell with the backlog).
             // The CASE fences each row by the token of its own lease.
-            let mut sql =
-                String::from("DELETE FROM stem_jobs INDEXED BY stem_jobs_id WHERE ns = ? AND state IN (0, 2) AND id IN (");
+            let mut sql = String::from(
+                "DELETE FROM stem_jobs INDEXED BY stem_jobs_id WHERE ns = ? AND state IN (0, 2) AND id IN (",
+            );
             for i in 0..chunk.len() {
                 sql.push_str(if i == 0 { "?" } else { ", ?" });
             }
