@@ -69,17 +69,9 @@ impl SqliteBackend {
     }
 
     fn err(&self, e: &sqlx::Error) -> BackendError {
-        match e {
-            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
-                BackendError::Unavailable {
-                    adapter: self.shared.describe(),
-                    reason: e.to_string(),
-                }
-            }
-            _ => BackendError::Storage {
-                adapter: self.shared.describe(),
-                reason: e.to_string(),
-            },
+        match self.shared.classify(e) {
+            Ok((adapter, reason)) => BackendError::Storage { adapter, reason },
+            Err((adapter, reason)) => BackendError::Unavailable { adapter, reason },
         }
     }
 

@@ -57,17 +57,9 @@ impl std::fmt::Debug for SqliteBroker {
 }
 
 pub(crate) fn map_err(shared: &Shared, e: &sqlx::Error) -> BrokerError {
-    match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
-            BrokerError::Unavailable {
-                adapter: shared.describe(),
-                reason: e.to_string(),
-            }
-        }
-        _ => BrokerError::Storage {
-            adapter: shared.describe(),
-            reason: e.to_string(),
-        },
+    match shared.classify(e) {
+        Ok((adapter, reason)) => BrokerError::Storage { adapter, reason },
+        Err((adapter, reason)) => BrokerError::Unavailable { adapter, reason },
     }
 }
 

@@ -24,6 +24,17 @@ impl Shared {
     pub(crate) fn describe(&self) -> String {
         format!("sqlite://{}", self.path.display())
     }
+
+    /// Sorts a sqlx error: `Ok` for storage errors, `Err` when the database
+    /// is unreachable (I/O, pool exhausted or closed); both with the
+    /// adapter's name and the message.
+    pub(crate) fn classify(&self, e: &sqlx::Error) -> Result<(String, String), (String, String)> {
+        let parts = (self.describe(), e.to_string());
+        match e {
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => Err(parts),
+            _ => Ok(parts),
+        }
+    }
 }
 
 type Registry = Mutex<HashMap<PathBuf, Weak<Shared>>>;
