@@ -58,13 +58,7 @@ impl SqliteBackend {
     /// # Errors
     /// [`BackendError::Unavailable`] when the file cannot be opened.
     pub async fn open(path: impl AsRef<Path>, opts: SqliteOptions) -> Result<Self, BackendError> {
-        let shared =
-            shared::open(path.as_ref(), &opts)
-                .await
-                .map_err(|e| BackendError::Unavailable {
-                    adapter: format!("sqlite://{}", path.as_ref().display()),
-                    reason: e.to_string(),
-                })?;
+        let shared = shared::open(path.as_ref(), &opts).await?;
         Ok(Self { shared, opts })
     }
 

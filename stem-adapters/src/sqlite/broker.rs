@@ -99,13 +99,7 @@ impl SqliteBroker {
     /// # Errors
     /// [`BrokerError::Unavailable`] when the file cannot be opened or migrated.
     pub async fn open(path: impl AsRef<Path>, opts: SqliteOptions) -> Result<Self, BrokerError> {
-        let shared =
-            shared::open(path.as_ref(), &opts)
-                .await
-                .map_err(|e| BrokerError::Unavailable {
-                    adapter: format!("sqlite://{}", path.as_ref().display()),
-                    reason: e.to_string(),
-                })?;
+        let shared = shared::open(path.as_ref(), &opts).await?;
         Ok(Self {
             shared,
             opts,

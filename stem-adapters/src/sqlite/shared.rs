@@ -52,6 +52,24 @@ pub(crate) struct OpenError {
     pub(crate) reason: String,
 }
 
+impl From<OpenError> for stem_core::BrokerError {
+    fn from(e: OpenError) -> Self {
+        Self::Unavailable {
+            adapter: format!("sqlite://{}", e.path),
+            reason: e.reason,
+        }
+    }
+}
+
+impl From<OpenError> for stem_core::BackendError {
+    fn from(e: OpenError) -> Self {
+        Self::Unavailable {
+            adapter: format!("sqlite://{}", e.path),
+            reason: e.reason,
+        }
+    }
+}
+
 pub(crate) async fn open(path: &Path, opts: &SqliteOptions) -> Result<Arc<Shared>, OpenError> {
     let err = |reason: String| OpenError {
         path: path.display().to_string(),
