@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::Connection;
 use stem_adapters::sqlite::{SqliteBackend, SqliteBroker, SqliteOptions};
 use stem_core::kit::{AdapterFactory, KitOptions};
 use stem_core::{Broker, ResultBackend};
@@ -74,16 +73,18 @@ impl AdapterFactory for SqliteFactory {
     /// An outage as SQLite knows one: another process holds the database
     /// exclusively for a second; the client under test must ride it out.
     async fn disrupt(&self, opts: &KitOptions) -> Option<()> {
-        let url = format!("sqlite://{}", Self::path(opts).display());
-        let mut conn = sqlx::SqliteConnection::connect(&url).await.ok()?;
-        sqlx::raw_sql("BEGIN EXCLUSIVE")
-            .execute(&mut conn)
-            .await
-            .ok()?;
+        let path = Self::path(opts);
+        let conn = tokio::task::spawn_blocking(move || {
+            let conn = rusqlite::Connection::open(path).ok()?;
+            conn.execute_batch("BEGIN EXCLUSIVE").ok()?;
+            Some(conn)
+        })
+        .await
+        .ok()??;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        sqlx::raw_sql("COMMIT").execute(&mut conn).await.ok()?;
-        conn.close().await.ok()?;
-        Some(())
+        tokio::task::spawn_blocking(move || conn.execute_batch("COMMIT").ok())
+            .await
+            .ok()?
     }
 
     fn tick(&self) -> Duration {

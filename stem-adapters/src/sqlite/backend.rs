@@ -1,4 +1,6 @@
-//! The SQLite result backend.
+//! The SQLite result backend. Writes run on the file's writer thread,
+//! grouped with the broker's (a worker's acks and results often share one
+//! commit); reads run on reader connections.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -6,9 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
 use stem_core::backend::{GroupSpec, GroupStatus, WorkerHeartbeat, WorkerStatus};
 use stem_core::{BackendError, Envelope, ResultBackend, TaskId, TaskRecord};
 
+use super::db::Fail;
 use super::shared::{self, Shared};
 use super::wake::Kind;
 use super::{SqliteOptions, ms_of, now_ms};
@@ -18,6 +22,7 @@ use super::{SqliteOptions, ms_of, now_ms};
 pub struct SqliteBackend {
     shared: Arc<Shared>,
     opts: SqliteOptions,
+    ns: Arc<str>,
 }
 
 impl std::fmt::Debug for SqliteBackend {
@@ -40,6 +45,30 @@ fn ids_json(ids: &[TaskId]) -> String {
     serde_json::to_string(&v).unwrap_or_else(|_| String::from("[]"))
 }
 
+/// A record ready to write: encoded before it reaches the writer thread.
+struct Encoded {
+    id: String,
+    state: &'static str,
+    terminal: bool,
+    attempts: u32,
+    expires_ms: i64,
+    bytes: Vec<u8>,
+}
+
+fn upsert(c: &Connection, ns: &str, r: &Encoded, now: i64) -> rusqlite::Result<bool> {
+    let n = c.prepare_cached(UPSERT)?.execute(params![
+        ns,
+        r.id,
+        r.state,
+        i64::from(r.terminal),
+        i64::from(r.attempts),
+        r.expires_ms,
+        r.bytes,
+        now
+    ])?;
+    Ok(n == 1)
+}
+
 impl SqliteBackend {
     /// Opens (creating if needed) the database at `path`.
     ///
@@ -59,22 +88,53 @@ impl SqliteBackend {
     /// [`BackendError::Unavailable`] when the file cannot be opened.
     pub async fn open(path: impl AsRef<Path>, opts: SqliteOptions) -> Result<Self, BackendError> {
         let shared = shared::open(path.as_ref(), &opts).await?;
-        Ok(Self { shared, opts })
+        Ok(Self {
+            shared,
+            ns: Arc::from(opts.namespace.as_str()),
+            opts,
+        })
     }
 
-    fn err(&self, e: &sqlx::Error) -> BackendError {
-        match self.shared.classify(e) {
-            Ok((adapter, reason)) => BackendError::Storage { adapter, reason },
-            Err((adapter, reason)) => BackendError::Unavailable { adapter, reason },
+    fn fail(&self, f: Fail<BackendError>) -> BackendError {
+        match f {
+            Fail::Other(e) => e,
+            Fail::Db(e) => match self.shared.classify(&e) {
+                Ok((adapter, reason)) => BackendError::Storage { adapter, reason },
+                Err((adapter, reason)) => BackendError::Unavailable { adapter, reason },
+            },
         }
     }
 
-    fn encode(record: &TaskRecord) -> Result<Vec<u8>, BackendError> {
-        serde_json::to_vec(record).map_err(|e| {
+    async fn write<F, T>(&self, f: F) -> Result<T, BackendError>
+    where
+        F: FnOnce(&Connection) -> Result<T, Fail<BackendError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.shared.db.write(f).await.map_err(|e| self.fail(e))
+    }
+
+    async fn read<F, T>(&self, f: F) -> Result<T, BackendError>
+    where
+        F: FnOnce(&Connection) -> Result<T, Fail<BackendError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.shared.db.read(f).await.map_err(|e| self.fail(e))
+    }
+
+    fn encode(record: &TaskRecord) -> Result<Encoded, BackendError> {
+        let bytes = serde_json::to_vec(record).map_err(|e| {
             BackendError::Invalid(format!(
                 "task record for {} does not encode: {e}",
                 record.id
             ))
+        })?;
+        Ok(Encoded {
+            id: record.id.to_string(),
+            state: record.state.name(),
+            terminal: record.state.is_terminal(),
+            attempts: record.attempts,
+            expires_ms: record.expires_at().timestamp_millis(),
+            bytes,
         })
     }
 
@@ -83,32 +143,6 @@ impl SqliteBackend {
             task_id: id,
             reason: e.to_string(),
         })
-    }
-
-    async fn upsert<'e, E>(
-        &self,
-        exec: E,
-        record: &TaskRecord,
-        now: i64,
-    ) -> Result<bool, BackendError>
-    where
-        E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
-    {
-        let bytes = Self::encode(record)?;
-        let expires = record.expires_at().timestamp_millis();
-        let done = sqlx::query(UPSERT)
-            .bind(&self.opts.namespace)
-            .bind(record.id.to_string())
-            .bind(record.state.name())
-            .bind(i64::from(record.state.is_terminal()))
-            .bind(i64::from(record.attempts))
-            .bind(expires)
-            .bind(bytes)
-            .bind(now)
-            .execute(exec)
-            .await
-            .map_err(|e| self.err(&e))?;
-        Ok(done.rows_affected() == 1)
     }
 }
 
@@ -119,7 +153,11 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn store(&self, record: TaskRecord) -> Result<bool, BackendError> {
-        let written = self.upsert(&self.shared.pool, &record, now_ms()).await?;
+        let rec = Self::encode(&record)?;
+        let ns = self.ns.clone();
+        let written = self
+            .write(move |c| Ok(upsert(c, &ns, &rec, now_ms())?))
+            .await?;
         if written {
             self.shared.wake.signal(Kind::Results);
         }
@@ -127,36 +165,56 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn store_many(&self, records: Vec<TaskRecord>) -> Vec<Result<bool, BackendError>> {
-        let now = now_ms();
-        let mut tx = match self.shared.pool.begin_with("BEGIN IMMEDIATE").await {
-            Ok(tx) => tx,
-            Err(e) => {
-                let e = self.err(&e);
-                return records.iter().map(|_| Err(e.clone())).collect();
-            }
-        };
-        let mut out = Vec::with_capacity(records.len());
+        // Records that do not encode answer for themselves; the rest share
+        // one write.
+        let mut out: Vec<Option<Result<bool, BackendError>>> = Vec::with_capacity(records.len());
+        let mut encoded = Vec::with_capacity(records.len());
         for r in &records {
-            out.push(self.upsert(&mut *tx, r, now).await);
+            match Self::encode(r) {
+                Ok(e) => {
+                    encoded.push(e);
+                    out.push(None);
+                }
+                Err(e) => out.push(Some(Err(e))),
+            }
         }
-        if let Err(e) = tx.commit().await {
-            let e = self.err(&e);
-            return records.iter().map(|_| Err(e.clone())).collect();
+        let ns = self.ns.clone();
+        let written = self
+            .write(move |c| {
+                let now = now_ms();
+                let mut done = Vec::with_capacity(encoded.len());
+                for r in &encoded {
+                    done.push(upsert(c, &ns, r, now)?);
+                }
+                Ok(done)
+            })
+            .await;
+        match written {
+            Ok(done) => {
+                self.shared.wake.signal(Kind::Results);
+                let mut done = done.into_iter();
+                out.into_iter()
+                    .map(|o| o.unwrap_or_else(|| Ok(done.next().unwrap_or(false))))
+                    .collect()
+            }
+            Err(e) => out
+                .into_iter()
+                .map(|o| o.unwrap_or_else(|| Err(e.clone())))
+                .collect(),
         }
-        self.shared.wake.signal(Kind::Results);
-        out
     }
 
     async fn get(&self, id: TaskId) -> Result<Option<TaskRecord>, BackendError> {
-        let row: Option<Vec<u8>> = sqlx::query_scalar(
-            "SELECT record FROM stem_results WHERE ns = ? AND id = ? AND expires_ms > ?",
-        )
-        .bind(&self.opts.namespace)
-        .bind(id.to_string())
-        .bind(now_ms())
-        .fetch_optional(&self.shared.pool)
-        .await
-        .map_err(|e| self.err(&e))?;
+        let ns = self.ns.clone();
+        let row: Option<Vec<u8>> = self
+            .read(move |c| {
+                Ok(c.prepare_cached(
+                    "SELECT record FROM stem_results WHERE ns = ?1 AND id = ?2 AND expires_ms > ?3",
+                )?
+                .query_row(params![ns, id.to_string(), now_ms()], |r| r.get(0))
+                .optional()?)
+            })
+            .await?;
         row.map(|b| Self::decode(id, &b)).transpose()
     }
 
@@ -190,42 +248,44 @@ impl ResultBackend for SqliteBackend {
             .map(Envelope::encode)
             .transpose()
             .map_err(|e| BackendError::Invalid(e.to_string()))?;
-        sqlx::query("INSERT OR IGNORE INTO stem_groups (ns, id, members, callback, fired, expires_ms) VALUES (?, ?, ?, ?, 0, ?)")
-            .bind(&self.opts.namespace)
-            .bind(group.id.to_string())
-            .bind(ids_json(&group.members))
-            .bind(callback)
-            .bind(now_ms().saturating_add(ms_of(group.ttl)))
-            .execute(&self.shared.pool)
-            .await
-            .map_err(|e| self.err(&e))?;
-        Ok(())
+        let ns = self.ns.clone();
+        let (id, members) = (group.id.to_string(), ids_json(&group.members));
+        let expires = now_ms().saturating_add(ms_of(group.ttl));
+        self.write(move |c| {
+            c.prepare_cached("INSERT OR IGNORE INTO stem_groups (ns, id, members, callback, fired, expires_ms) VALUES (?1, ?2, ?3, ?4, 0, ?5)")?
+                .execute(params![ns, id, members, callback, expires])?;
+            Ok(())
+        })
+        .await
     }
 
     async fn group(&self, id: TaskId) -> Result<Option<GroupStatus>, BackendError> {
-        let now = now_ms();
-        let members: Option<String> = sqlx::query_scalar(
-            "SELECT members FROM stem_groups WHERE ns = ? AND id = ? AND expires_ms > ?",
-        )
-        .bind(&self.opts.namespace)
-        .bind(id.to_string())
-        .bind(now)
-        .fetch_optional(&self.shared.pool)
-        .await
-        .map_err(|e| self.err(&e))?;
-        let Some(members) = members else {
+        let ns = self.ns.clone();
+        let found = self
+            .read(move |c| {
+                let now = now_ms();
+                let members: Option<String> = c
+                    .prepare_cached(
+                        "SELECT members FROM stem_groups WHERE ns = ?1 AND id = ?2 AND expires_ms > ?3",
+                    )?
+                    .query_row(params![ns, id.to_string(), now], |r| r.get(0))
+                    .optional()?;
+                let Some(members) = members else {
+                    return Ok(None);
+                };
+                let mut st = c.prepare_cached(
+                    "SELECT id, record FROM stem_results WHERE ns = ?1 AND expires_ms > ?2 AND id IN (SELECT value FROM json_each(?3))",
+                )?;
+                let rows = st.query_map(params![ns, now, members], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })?;
+                let found: HashMap<String, Vec<u8>> = rows.collect::<Result<_, _>>()?;
+                Ok(Some((members, found)))
+            })
+            .await?;
+        let Some((members, mut found)) = found else {
             return Ok(None);
         };
-        let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
-            "SELECT id, record FROM stem_results WHERE ns = ? AND expires_ms > ? AND id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(&self.opts.namespace)
-        .bind(now)
-        .bind(&members)
-        .fetch_all(&self.shared.pool)
-        .await
-        .map_err(|e| self.err(&e))?;
-        let mut found: HashMap<String, Vec<u8>> = rows.into_iter().collect();
         let ids: Vec<String> =
             serde_json::from_str(&members).map_err(|e| BackendError::Corrupt {
                 task_id: id,
@@ -256,52 +316,39 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn member_finished(&self, group_id: TaskId) -> Result<Option<Envelope>, BackendError> {
-        let now = now_ms();
-        let mut tx = self
-            .shared
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(|e| self.err(&e))?;
-        let row: Option<(String, Option<Vec<u8>>, i64)> = sqlx::query_as(
-            "SELECT members, callback, fired FROM stem_groups WHERE ns = ? AND id = ? AND expires_ms > ?",
-        )
-        .bind(&self.opts.namespace)
-        .bind(group_id.to_string())
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(|e| self.err(&e))?;
-        let Some((members, callback, fired)) = row else {
-            return Ok(None);
-        };
-        if fired != 0 {
-            return Ok(None);
-        }
-        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM json_each(?)")
-            .bind(&members)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(|e| self.err(&e))?;
-        let done: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM stem_results WHERE ns = ? AND terminal = 1 AND expires_ms > ? AND id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(&self.opts.namespace)
-        .bind(now)
-        .bind(&members)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| self.err(&e))?;
-        if done < total {
-            return Ok(None);
-        }
-        sqlx::query("UPDATE stem_groups SET fired = 1 WHERE ns = ? AND id = ?")
-            .bind(&self.opts.namespace)
-            .bind(group_id.to_string())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.err(&e))?;
-        tx.commit().await.map_err(|e| self.err(&e))?;
+        let ns = self.ns.clone();
+        let callback = self
+            .write(move |c| {
+                let now = now_ms();
+                let gid = group_id.to_string();
+                let row: Option<(String, Option<Vec<u8>>, i64)> = c
+                    .prepare_cached(
+                        "SELECT members, callback, fired FROM stem_groups WHERE ns = ?1 AND id = ?2 AND expires_ms > ?3",
+                    )?
+                    .query_row(params![ns, gid, now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()?;
+                let Some((members, callback, fired)) = row else {
+                    return Ok(None);
+                };
+                if fired != 0 {
+                    return Ok(None);
+                }
+                let total: i64 = c
+                    .prepare_cached("SELECT COUNT(*) FROM json_each(?1)")?
+                    .query_row(params![members], |r| r.get(0))?;
+                let done: i64 = c
+                    .prepare_cached(
+                        "SELECT COUNT(*) FROM stem_results WHERE ns = ?1 AND terminal = 1 AND expires_ms > ?2 AND id IN (SELECT value FROM json_each(?3))",
+                    )?
+                    .query_row(params![ns, now, members], |r| r.get(0))?;
+                if done < total {
+                    return Ok(None);
+                }
+                c.prepare_cached("UPDATE stem_groups SET fired = 1 WHERE ns = ?1 AND id = ?2")?
+                    .execute(params![ns, gid])?;
+                Ok(callback)
+            })
+            .await?;
         callback
             .map(|b| {
                 Envelope::decode(&b).map_err(|e| BackendError::Corrupt {
@@ -315,26 +362,28 @@ impl ResultBackend for SqliteBackend {
     async fn heartbeat(&self, heartbeat: WorkerHeartbeat) -> Result<(), BackendError> {
         let bytes =
             serde_json::to_vec(&heartbeat).map_err(|e| BackendError::Invalid(e.to_string()))?;
-        sqlx::query("INSERT OR REPLACE INTO stem_workers (ns, worker_id, seen_ms, heartbeat) VALUES (?, ?, ?, ?)")
-            .bind(&self.opts.namespace)
-            .bind(&heartbeat.worker_id)
-            .bind(now_ms())
-            .bind(bytes)
-            .execute(&self.shared.pool)
-            .await
-            .map_err(|e| self.err(&e))?;
-        Ok(())
+        let ns = self.ns.clone();
+        let worker = heartbeat.worker_id.clone();
+        self.write(move |c| {
+            c.prepare_cached("INSERT OR REPLACE INTO stem_workers (ns, worker_id, seen_ms, heartbeat) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![ns, worker, now_ms(), bytes])?;
+            Ok(())
+        })
+        .await
     }
 
     async fn workers(&self) -> Result<Vec<WorkerStatus>, BackendError> {
+        let ns = self.ns.clone();
+        let rows: Vec<(i64, Vec<u8>)> = self
+            .read(move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT seen_ms, heartbeat FROM stem_workers WHERE ns = ?1 ORDER BY worker_id",
+                )?;
+                let rows = st.query_map(params![ns], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            })
+            .await?;
         let now = now_ms();
-        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
-            "SELECT seen_ms, heartbeat FROM stem_workers WHERE ns = ? ORDER BY worker_id",
-        )
-        .bind(&self.opts.namespace)
-        .fetch_all(&self.shared.pool)
-        .await
-        .map_err(|e| self.err(&e))?;
         let mut out = Vec::with_capacity(rows.len());
         for (seen, bytes) in rows {
             let Ok(heartbeat) = serde_json::from_slice::<WorkerHeartbeat>(&bytes) else {
@@ -348,54 +397,58 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn revoke(&self, id: TaskId, ttl: Duration) -> Result<(), BackendError> {
-        sqlx::query("INSERT OR REPLACE INTO stem_revoked (ns, id, expires_ms) VALUES (?, ?, ?)")
-            .bind(&self.opts.namespace)
-            .bind(id.to_string())
-            .bind(now_ms().saturating_add(ms_of(ttl)))
-            .execute(&self.shared.pool)
-            .await
-            .map_err(|e| self.err(&e))?;
-        Ok(())
+        let ns = self.ns.clone();
+        let expires = now_ms().saturating_add(ms_of(ttl));
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT OR REPLACE INTO stem_revoked (ns, id, expires_ms) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![ns, id.to_string(), expires])?;
+            Ok(())
+        })
+        .await
     }
 
     async fn revoked(&self, ids: &[TaskId]) -> Result<Vec<bool>, BackendError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let hits: Vec<String> = sqlx::query_scalar(
-            "SELECT id FROM stem_revoked WHERE ns = ? AND expires_ms > ? AND id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(&self.opts.namespace)
-        .bind(now_ms())
-        .bind(ids_json(ids))
-        .fetch_all(&self.shared.pool)
-        .await
-        .map_err(|e| self.err(&e))?;
-        let set: HashSet<String> = hits.into_iter().collect();
-        Ok(ids.iter().map(|id| set.contains(&id.to_string())).collect())
+        let ns = self.ns.clone();
+        let json = ids_json(ids);
+        let hits: HashSet<String> = self
+            .read(move |c| {
+                let mut st = c.prepare_cached(
+                    "SELECT id FROM stem_revoked WHERE ns = ?1 AND expires_ms > ?2 AND id IN (SELECT value FROM json_each(?3))",
+                )?;
+                let rows = st.query_map(params![ns, now_ms(), json], |r| r.get::<_, String>(0))?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            })
+            .await?;
+        if hits.is_empty() {
+            return Ok(vec![false; ids.len()]);
+        }
+        Ok(ids
+            .iter()
+            .map(|id| hits.contains(&id.to_string()))
+            .collect())
     }
 
     async fn maintain(&self) -> Result<(), BackendError> {
-        let now = now_ms();
-        for sql in [
-            "DELETE FROM stem_results WHERE ns = ? AND expires_ms <= ?",
-            "DELETE FROM stem_groups WHERE ns = ? AND expires_ms <= ?",
-            "DELETE FROM stem_revoked WHERE ns = ? AND expires_ms <= ?",
-        ] {
-            sqlx::query(sql)
-                .bind(&self.opts.namespace)
-                .bind(now)
-                .execute(&self.shared.pool)
-                .await
-                .map_err(|e| self.err(&e))?;
-        }
-        // Workers silent for a day are forgotten.
-        sqlx::query("DELETE FROM stem_workers WHERE ns = ? AND seen_ms <= ?")
-            .bind(&self.opts.namespace)
-            .bind(now - 24 * 3600 * 1000)
-            .execute(&self.shared.pool)
-            .await
-            .map_err(|e| self.err(&e))?;
-        Ok(())
+        let ns = self.ns.clone();
+        self.write(move |c| {
+            let now = now_ms();
+            for sql in [
+                "DELETE FROM stem_results WHERE ns = ?1 AND expires_ms <= ?2",
+                "DELETE FROM stem_groups WHERE ns = ?1 AND expires_ms <= ?2",
+                "DELETE FROM stem_revoked WHERE ns = ?1 AND expires_ms <= ?2",
+            ] {
+                c.prepare_cached(sql)?.execute(params![ns, now])?;
+            }
+            // Workers silent for a day are forgotten.
+            c.prepare_cached("DELETE FROM stem_workers WHERE ns = ?1 AND seen_ms <= ?2")?
+                .execute(params![ns, now - 24 * 3600 * 1000])?;
+            Ok(())
+        })
+        .await
     }
 }

@@ -1,6 +1,11 @@
 //! The SQLite broker.
+//!
+//! Every write runs on the file's writer thread (see `db.rs`), grouped
+//! with whatever else is queued into one transaction; reads run on reader
+//! connections. A claim returns raw rows: envelopes are decoded here, off
+//! the writer thread, and a row that does not decode is dead-lettered by a
+//! second, fenced write.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,8 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{TimeZone, Utc};
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, Sqlite, Transaction};
+use rusqlite::{Connection, OptionalExtension, params};
 use stem_core::broker::{
     BroadcastMessage, BroadcastStream, Capabilities, DeadLetter, DeadLetterRequest, Delivery,
     FetchRequest, Nack, Page, Published, QueueStats, Receipt, Replay,
@@ -17,6 +21,7 @@ use stem_core::broker::{
 use stem_core::envelope::validate_queue_name;
 use stem_core::{Broker, BrokerError, Envelope, TaskId, UniqueRelease};
 
+use super::db::Fail;
 use super::shared::{self, Shared};
 use super::wake::Kind;
 use super::{SqliteOptions, ms_of};
@@ -29,21 +34,33 @@ macro_rules! now_sql {
     };
 }
 
-/// Receipts per batched ack statement (3 parameters each).
-const ACK_CHUNK: usize = 300;
-
-/// Rows per multi-row INSERT (8 parameters each, well under SQLite's limit).
-const INSERT_CHUNK: usize = 500;
-
 /// Broadcast messages older than this are deleted by `maintain`.
 const BROADCAST_KEEP_MS: i64 = 5 * 60 * 1000;
 
+const INSERT_JOB: &str = "INSERT INTO stem_jobs (ns, id, queue, priority, state, due_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+
+const INSERT_UNIQUE_JOB: &str = "INSERT INTO stem_jobs (ns, id, queue, priority, state, due_ms, unique_key, unique_on_finish, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+
+const CLAIM: &str = "UPDATE stem_jobs SET state = 2, due_ms = ?1, token = token + 1, deliveries = deliveries + 1 \
+     WHERE seq IN (SELECT seq FROM stem_jobs WHERE ns = ?2 AND queue = ?3 AND state = 0 ORDER BY priority DESC, seq LIMIT ?4) \
+     RETURNING seq, id, priority, token, deliveries, payload";
+
+/// Deletes one leased (or expired, not yet re-claimed) row, fenced by its
+/// lease token.
+const TAKE: &str = "DELETE FROM stem_jobs WHERE seq = ?1 AND ns = ?2 AND token = ?3 AND state IN (0, 2) \
+     RETURNING id, queue, payload, unique_key, unique_on_finish";
+
+const RELEASE_UNIQUE: &str = "DELETE FROM stem_unique WHERE ns = ?1 AND key = ?2 AND holder = ?3";
+
+const INSERT_DEAD: &str = "INSERT INTO stem_dead (ns, queue, id, reason, error, dead_ms, expires_ms, envelope, raw) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+
 /// A broker on a SQLite file. Cheap to clone; clients on one file in one
-/// process share a connection pool.
+/// process share its connections.
 #[derive(Clone)]
 pub struct SqliteBroker {
     shared: Arc<Shared>,
     opts: SqliteOptions,
+    ns: Arc<str>,
     rotate: Arc<AtomicUsize>,
 }
 
@@ -53,13 +70,6 @@ impl std::fmt::Debug for SqliteBroker {
             .field("path", &self.shared.path)
             .field("namespace", &self.opts.namespace)
             .finish_non_exhaustive()
-    }
-}
-
-pub(crate) fn map_err(shared: &Shared, e: &sqlx::Error) -> BrokerError {
-    match shared.classify(e) {
-        Ok((adapter, reason)) => BrokerError::Storage { adapter, reason },
-        Err((adapter, reason)) => BrokerError::Unavailable { adapter, reason },
     }
 }
 
@@ -76,21 +86,81 @@ fn initial_state(env: &Envelope) -> (i64, i64) {
     }
 }
 
-/// SQLite's clock, read inside the caller's transaction or connection.
-async fn db_now<'e, E>(exec: E) -> Result<i64, sqlx::Error>
-where
-    E: sqlx::Executor<'e, Database = Sqlite>,
-{
-    sqlx::query_scalar(concat!("SELECT ", now_sql!()))
-        .fetch_one(exec)
-        .await
+/// SQLite's clock, read on the connection in use.
+fn db_now(c: &Connection) -> rusqlite::Result<i64> {
+    c.prepare_cached(concat!("SELECT ", now_sql!()))?
+        .query_row([], |r| r.get(0))
 }
 
-struct Prepared {
-    env: Envelope,
-    payload: Vec<u8>,
+/// A unique key to take with a row.
+struct UniqueClaim {
+    key: String,
+    /// How long the key is held, from the publish.
+    window_ms: i64,
+    on_finish: bool,
+}
+
+/// An envelope ready to store: everything computed before it reaches the
+/// writer thread.
+struct NewRow {
+    id: TaskId,
+    id_text: String,
+    queue: String,
+    priority: i64,
     state: i64,
     delay: i64,
+    payload: Vec<u8>,
+    unique: Option<UniqueClaim>,
+}
+
+/// A claimed row, not yet decoded.
+struct Claimed {
+    seq: i64,
+    id: String,
+    queue: usize,
+    token: i64,
+    deliveries: i64,
+    payload: Vec<u8>,
+}
+
+/// A receipt's row and lease token; `None` when the receipt is not one of
+/// this adapter's (then its lease cannot be ours).
+fn lease_of(r: &Receipt) -> Option<(i64, i64)> {
+    Some((r.tag.parse().ok()?, i64::try_from(r.token).ok()?))
+}
+
+fn u64_of(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// A deleted row: id, queue, payload, unique key, whether the key goes
+/// with the row.
+type Taken = (String, String, Vec<u8>, Option<String>, i64);
+
+/// Deletes the leased row `(seq, token)`, releasing an on-finish unique key;
+/// returns its queue and payload, or `None` when the lease is not live.
+fn take_row(
+    c: &Connection,
+    ns: &str,
+    seq: i64,
+    token: i64,
+) -> rusqlite::Result<Option<(String, Vec<u8>)>> {
+    let row: Option<Taken> = c
+        .prepare_cached(TAKE)?
+        .query_row(params![seq, ns, token], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .optional()?;
+    let Some((id, queue, payload, unique_key, on_finish)) = row else {
+        return Ok(None);
+    };
+    if on_finish != 0
+        && let Some(key) = unique_key
+    {
+        c.prepare_cached(RELEASE_UNIQUE)?
+            .execute(params![ns, key, id])?;
+    }
+    Ok(Some((queue, payload)))
 }
 
 impl SqliteBroker {
@@ -102,6 +172,7 @@ impl SqliteBroker {
         let shared = shared::open(path.as_ref(), &opts).await?;
         Ok(Self {
             shared,
+            ns: Arc::from(opts.namespace.as_str()),
             opts,
             rotate: Arc::new(AtomicUsize::new(0)),
         })
@@ -121,23 +192,51 @@ impl SqliteBroker {
     /// A storage error.
     pub async fn insert_raw(&self, queue: &str, bytes: &[u8]) -> Result<(), BrokerError> {
         validate_queue_name(queue)?;
-        sqlx::query("INSERT INTO stem_jobs (ns, id, queue, priority, state, due_ms, payload) VALUES (?, ?, ?, 0, 0, 0, ?)")
-            .bind(&self.opts.namespace)
-            .bind(TaskId::new().to_string())
-            .bind(queue)
-            .bind(bytes)
-            .execute(&self.shared.pool)
-            .await
-            .map_err(|e| self.err(&e))?;
+        let (ns, queue, bytes) = (self.ns.clone(), queue.to_owned(), bytes.to_vec());
+        self.write(move |c| {
+            c.prepare_cached(INSERT_JOB)?.execute(params![
+                ns,
+                TaskId::new().to_string(),
+                queue,
+                0,
+                0,
+                0,
+                bytes
+            ])?;
+            Ok(())
+        })
+        .await?;
         self.shared.wake.signal(Kind::Jobs);
         Ok(())
     }
 
-    fn err(&self, e: &sqlx::Error) -> BrokerError {
-        map_err(&self.shared, e)
+    fn fail(&self, f: Fail<BrokerError>) -> BrokerError {
+        match f {
+            Fail::Other(e) => e,
+            Fail::Db(e) => match self.shared.classify(&e) {
+                Ok((adapter, reason)) => BrokerError::Storage { adapter, reason },
+                Err((adapter, reason)) => BrokerError::Unavailable { adapter, reason },
+            },
+        }
     }
 
-    fn prepare(&self, env: Envelope) -> Result<Prepared, BrokerError> {
+    async fn write<F, T>(&self, f: F) -> Result<T, BrokerError>
+    where
+        F: FnOnce(&Connection) -> Result<T, Fail<BrokerError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.shared.db.write(f).await.map_err(|e| self.fail(e))
+    }
+
+    async fn read<F, T>(&self, f: F) -> Result<T, BrokerError>
+    where
+        F: FnOnce(&Connection) -> Result<T, Fail<BrokerError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.shared.db.read(f).await.map_err(|e| self.fail(e))
+    }
+
+    fn prepare(&self, env: &Envelope) -> Result<NewRow, BrokerError> {
         env.validate()?;
         let payload = env.encode()?;
         if payload.len() > self.opts.max_envelope_bytes {
@@ -147,102 +246,85 @@ impl SqliteBroker {
                 limit: self.opts.max_envelope_bytes,
             });
         }
-        let (state, delay) = initial_state(&env);
-        Ok(Prepared {
-            env,
-            payload,
+        let (state, delay) = initial_state(env);
+        Ok(NewRow {
+            id: env.id,
+            id_text: env.id.to_string(),
+            queue: env.queue.clone(),
+            priority: i64::from(env.priority),
             state,
             delay,
+            payload,
+            unique: env.unique.as_ref().map(|u| UniqueClaim {
+                key: u.key.clone(),
+                window_ms: (u.until - env.enqueued_at).num_milliseconds().max(0),
+                on_finish: u.release == UniqueRelease::OnFinish,
+            }),
         })
     }
 
-    async fn begin(&self) -> Result<Transaction<'static, Sqlite>, BrokerError> {
-        self.shared
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(|e| self.err(&e))
-    }
-
-    /// Stores `items` in one transaction: unique ones row by row (they
-    /// check the key), the rest in multi-row INSERTs.
-    async fn store(&self, items: Vec<Prepared>) -> Result<Vec<Published>, BrokerError> {
-        let mut tx = self.begin().await?;
-        let now = db_now(&mut *tx).await.map_err(|e| self.err(&e))?;
-        let mut out = Vec::with_capacity(items.len());
-        let mut plain: Vec<&Prepared> = Vec::new();
-        for p in &items {
-            if let Some(u) = &p.env.unique {
-                let holder: Option<(String, i64)> = sqlx::query_as(
-                    "SELECT holder, until_ms FROM stem_unique WHERE ns = ? AND key = ?",
-                )
-                .bind(&self.opts.namespace)
-                .bind(&u.key)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(|e| self.err(&e))?;
-                if let Some((holder, until)) = holder
-                    && until > now
-                {
-                    let id = holder.parse::<TaskId>().map_err(|e| BrokerError::Storage {
-                        adapter: self.shared.describe(),
-                        reason: format!("corrupt unique key holder: {e}"),
-                    })?;
-                    out.push(Published::Duplicate(id));
-                    continue;
+    /// Stores `rows` in one transaction, in order; a unique row whose key
+    /// is held stores nothing and answers with the holder.
+    async fn store(&self, rows: Vec<NewRow>) -> Result<Vec<Published>, BrokerError> {
+        let ns = self.ns.clone();
+        let adapter = self.shared.describe();
+        let ready = rows.iter().any(|r| r.state == 0);
+        let out = self
+            .write(move |c| {
+                let now = db_now(c)?;
+                let mut out = Vec::with_capacity(rows.len());
+                let mut insert = c.prepare_cached(INSERT_JOB)?;
+                for r in &rows {
+                    let Some(u) = &r.unique else {
+                        insert.execute(params![
+                            ns,
+                            r.id_text,
+                            r.queue,
+                            r.priority,
+                            r.state,
+                            now.saturating_add(r.delay),
+                            r.payload
+                        ])?;
+                        out.push(Published::Stored(r.id));
+                        continue;
+                    };
+                    let holder: Option<(String, i64)> = c
+                        .prepare_cached(
+                            "SELECT holder, until_ms FROM stem_unique WHERE ns = ?1 AND key = ?2",
+                        )?
+                        .query_row(params![ns, u.key], |row| Ok((row.get(0)?, row.get(1)?)))
+                        .optional()?;
+                    if let Some((holder, until)) = holder
+                        && until > now
+                    {
+                        let id = holder.parse::<TaskId>().map_err(|e| BrokerError::Storage {
+                            adapter: adapter.clone(),
+                            reason: format!("corrupt unique key holder: {e}"),
+                        })?;
+                        out.push(Published::Duplicate(id));
+                        continue;
+                    }
+                    c.prepare_cached(
+                        "INSERT OR REPLACE INTO stem_unique (ns, key, holder, until_ms) VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![ns, u.key, r.id_text, now.saturating_add(u.window_ms)])?;
+                    c.prepare_cached(INSERT_UNIQUE_JOB)?.execute(params![
+                        ns,
+                        r.id_text,
+                        r.queue,
+                        r.priority,
+                        r.state,
+                        now.saturating_add(r.delay),
+                        u.key,
+                        i64::from(u.on_finish),
+                        r.payload
+                    ])?;
+                    out.push(Published::Stored(r.id));
                 }
-                sqlx::query("INSERT OR REPLACE INTO stem_unique (ns, key, holder, until_ms) VALUES (?, ?, ?, ?)")
-                    .bind(&self.opts.namespace)
-                    .bind(&u.key)
-                    .bind(p.env.id.to_string())
-                                        .bind(now.saturating_add((u.until - p.env.enqueued_at).num_milliseconds().max(0)))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| self.err(&e))?;
-                sqlx::query("INSERT INTO stem_jobs (ns, id, queue, priority, state, due_ms, unique_key, unique_on_finish, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)")
-                    .bind(&self.opts.namespace)
-                    .bind(p.env.id.to_string())
-                    .bind(&p.env.queue)
-                    .bind(i64::from(p.env.priority))
-                                        .bind(p.state)
-                    .bind(now.saturating_add(p.delay))
-                    .bind(&u.key)
-                    .bind(i64::from(u.release == UniqueRelease::OnFinish))
-                    .bind(&p.payload)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| self.err(&e))?;
-            } else {
-                plain.push(p);
-            }
-            out.push(Published::Stored(p.env.id));
-        }
-        for chunk in plain.chunks(INSERT_CHUNK) {
-            let mut sql = String::from(
-                "INSERT INTO stem_jobs (ns, id, queue, priority, state, due_ms, payload) VALUES ",
-            );
-            for i in 0..chunk.len() {
-                sql.push_str(if i == 0 {
-                    "(?, ?, ?, ?, ?, ?, ?)"
-                } else {
-                    ", (?, ?, ?, ?, ?, ?, ?)"
-                });
-            }
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for p in chunk {
-                q = q
-                    .bind(&self.opts.namespace)
-                    .bind(p.env.id.to_string())
-                    .bind(&p.env.queue)
-                    .bind(i64::from(p.env.priority))
-                    .bind(p.state)
-                    .bind(now.saturating_add(p.delay))
-                    .bind(&p.payload);
-            }
-            q.execute(&mut *tx).await.map_err(|e| self.err(&e))?;
-        }
-        tx.commit().await.map_err(|e| self.err(&e))?;
-        if items.iter().any(|p| p.state == 0) {
+                Ok(out)
+            })
+            .await?;
+        if ready {
             self.shared.wake.signal(Kind::Jobs);
         }
         Ok(out)
@@ -254,230 +336,183 @@ impl SqliteBroker {
     async fn anything_claimable(&self, queues: &[String]) -> Result<bool, BrokerError> {
         let queues =
             serde_json::to_string(queues).map_err(|e| BrokerError::Invalid(e.to_string()))?;
-        sqlx::query_scalar(concat!(
-            "SELECT EXISTS (SELECT 1 FROM stem_jobs WHERE ns = ?1 AND state IN (1, 2) AND due_ms <= ",
-            now_sql!(),
-            ") OR EXISTS (SELECT 1 FROM stem_jobs WHERE ns = ?1 AND state = 0 AND queue IN (SELECT value FROM json_each(?2)))"
-        ))
-        .bind(&self.opts.namespace)
-        .bind(queues)
-        .fetch_one(&self.shared.pool)
+        let ns = self.ns.clone();
+        self.read(move |c| {
+            Ok(c.prepare_cached(concat!(
+                "SELECT EXISTS (SELECT 1 FROM stem_jobs WHERE ns = ?1 AND state > 0 AND due_ms <= ",
+                now_sql!(),
+                ") OR EXISTS (SELECT 1 FROM stem_jobs WHERE ns = ?1 AND state = 0 AND queue IN (SELECT value FROM json_each(?2)))"
+            ))?
+            .query_row(params![ns, queues], |r| r.get(0))?)
+        })
         .await
-        .map_err(|e| self.err(&e))
     }
 
     /// One claim transaction: promote due rows, then lease up to `req.max`
-    /// ready rows across the queues, fairly.
+    /// ready rows across the queues, fairly. Decoding happens afterwards,
+    /// off the writer thread.
     async fn claim(&self, req: &FetchRequest) -> Result<Vec<Delivery>, BrokerError> {
-        let mut tx = self.begin().await?;
-        let now = db_now(&mut *tx).await.map_err(|e| self.err(&e))?;
-        let lease_until = now.saturating_add(ms_of(req.lease));
-        sqlx::query(
-            "UPDATE stem_jobs SET state = 0 WHERE ns = ? AND state IN (1, 2) AND due_ms <= ?",
-        )
-        .bind(&self.opts.namespace)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| self.err(&e))?;
-        let n = req.queues.len();
-        let start = self.rotate.fetch_add(1, Ordering::Relaxed) % n.max(1);
-        let mut out = Vec::with_capacity(req.max);
-        let quota = (req.max / n.max(1)).max(1);
-        // First pass: each queue up to its share; second: fill what is left.
-        for pass in 0..2 {
-            for i in 0..n {
-                let remaining = req.max - out.len();
-                if remaining == 0 {
-                    break;
-                }
-                let take = if pass == 0 {
-                    quota.min(remaining)
-                } else {
-                    remaining
-                };
-                let queue = &req.queues[(start + i) % n];
-                let mut rows = sqlx::query(
-                    "UPDATE stem_jobs SET state = 2, due_ms = ?, token = token + 1, deliveries = deliveries + 1 \
-                     WHERE seq IN (SELECT seq FROM stem_jobs WHERE ns = ? AND queue = ? AND state = 0 ORDER BY priority DESC, seq LIMIT ?) \
-                     RETURNING seq, id, priority, token, deliveries, payload",
-                )
-                .bind(lease_until)
-                .bind(&self.opts.namespace)
-                .bind(queue)
-                .bind(i64::try_from(take).unwrap_or(i64::MAX))
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(|e| self.err(&e))?;
-                rows.sort_by_key(|r| (std::cmp::Reverse(r.get::<i64, _>(2)), r.get::<i64, _>(0)));
-                for row in rows {
-                    if let Some(d) = self.decode_row(&mut tx, queue, &row, now).await? {
-                        out.push(d);
+        let ns = self.ns.clone();
+        let queues = req.queues.clone();
+        let max = req.max;
+        let lease_ms = ms_of(req.lease);
+        let start = self.rotate.fetch_add(1, Ordering::Relaxed) % queues.len().max(1);
+        let (rows, queues) = self
+            .write(move |c| {
+                let now = db_now(c)?;
+                let lease_until = now.saturating_add(lease_ms);
+                c.prepare_cached(
+                    "UPDATE stem_jobs SET state = 0 WHERE ns = ?1 AND state > 0 AND due_ms <= ?2",
+                )?
+                .execute(params![ns, now])?;
+                let n = queues.len();
+                let quota = (max / n.max(1)).max(1);
+                let mut out: Vec<Claimed> = Vec::with_capacity(max);
+                let mut claim = c.prepare_cached(CLAIM)?;
+                // First pass: each queue up to its share; second: fill what is left.
+                for pass in 0..2 {
+                    for i in 0..n {
+                        let remaining = max - out.len();
+                        if remaining == 0 {
+                            break;
+                        }
+                        let take = if pass == 0 {
+                            quota.min(remaining)
+                        } else {
+                            remaining
+                        };
+                        let qi = (start + i) % n;
+                        let mut rows = claim.query(params![
+                            lease_until,
+                            ns,
+                            queues[qi],
+                            i64::try_from(take).unwrap_or(i64::MAX)
+                        ])?;
+                        let mut part = Vec::with_capacity(take);
+                        while let Some(r) = rows.next()? {
+                            let priority: i64 = r.get(2)?;
+                            part.push((
+                                std::cmp::Reverse(priority),
+                                Claimed {
+                                    seq: r.get(0)?,
+                                    id: r.get(1)?,
+                                    queue: qi,
+                                    token: r.get(3)?,
+                                    deliveries: r.get(4)?,
+                                    payload: r.get(5)?,
+                                },
+                            ));
+                        }
+                        // RETURNING gives no order: restore priority, then enqueue order.
+                        part.sort_by_key(|(p, row)| (*p, row.seq));
+                        out.extend(part.into_iter().map(|(_, row)| row));
+                    }
+                    if pass == 0 && (out.len() == max || n == 1) {
+                        break;
                     }
                 }
-            }
-            if pass == 0 && (out.len() == req.max || n == 1) {
-                break;
+                Ok((out, queues))
+            })
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut garbage = Vec::new();
+        for row in rows {
+            match Envelope::decode(&row.payload) {
+                Ok(envelope) => out.push(Delivery {
+                    receipt: Receipt {
+                        task_id: envelope.id,
+                        queue: queues[row.queue].clone(),
+                        token: u64::try_from(row.token).unwrap_or(0),
+                        tag: row.seq.to_string(),
+                    },
+                    delivery_count: u32::try_from(row.deliveries).unwrap_or(u32::MAX),
+                    envelope,
+                }),
+                Err(e) => garbage.push((row, e.to_string())),
             }
         }
-        tx.commit().await.map_err(|e| self.err(&e))?;
+        if !garbage.is_empty() {
+            self.bury_garbage(&queues, garbage).await;
+        }
         Ok(out)
     }
 
-    /// Turns a claimed row into a delivery, or dead-letters it when its
-    /// payload is not an envelope.
-    async fn decode_row(
-        &self,
-        tx: &mut Transaction<'static, Sqlite>,
-        queue: &str,
-        row: &SqliteRow,
-        now: i64,
-    ) -> Result<Option<Delivery>, BrokerError> {
-        let id: String = row.get(1);
-        let token: i64 = row.get(3);
-        let deliveries: i64 = row.get(4);
-        let payload: Vec<u8> = row.get(5);
-        match Envelope::decode(&payload) {
-            Ok(envelope) => Ok(Some(Delivery {
-                receipt: Receipt {
-                    task_id: envelope.id,
-                    queue: queue.to_owned(),
-                    token: u64::try_from(token).unwrap_or(0),
-                    tag: id,
-                },
-                delivery_count: u32::try_from(deliveries).unwrap_or(u32::MAX),
-                envelope,
-            })),
-            Err(e) => {
-                let reason = format!("undecodable envelope in storage: {e}");
-                tracing::error!(queue, row_id = %id, %reason, "dead-lettering garbage");
-                sqlx::query("DELETE FROM stem_jobs WHERE ns = ? AND id = ?")
-                    .bind(&self.opts.namespace)
-                    .bind(&id)
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(|e| self.err(&e))?;
-                let dead_id = id.parse::<TaskId>().unwrap_or_default();
-                sqlx::query("INSERT INTO stem_dead (ns, queue, id, reason, error, dead_ms, expires_ms, envelope, raw) VALUES (?, ?, ?, ?, NULL, ?, ?, NULL, ?)")
-                    .bind(&self.opts.namespace)
-                    .bind(queue)
-                    .bind(dead_id.to_string())
-                    .bind(&reason)
-                    .bind(now)
-                    .bind(now.saturating_add(ms_of(self.opts.dead_letter_retention)))
-                    .bind(String::from_utf8_lossy(&payload).into_owned())
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(|e| self.err(&e))?;
-                Ok(None)
-            }
+    /// Dead-letters claimed rows whose payload is not an envelope, fenced by
+    /// the claim's token. If this fails the rows come back after their lease
+    /// and are tried again.
+    async fn bury_garbage(&self, queues: &[String], rows: Vec<(Claimed, String)>) {
+        let ns = self.ns.clone();
+        let retention = ms_of(self.opts.dead_letter_retention);
+        let rows: Vec<(Claimed, String, String)> = rows
+            .into_iter()
+            .map(|(row, err)| {
+                let reason = format!("undecodable envelope in storage: {err}");
+                tracing::error!(queue = %queues[row.queue], row_id = %row.id, %reason, "dead-lettering garbage");
+                let queue = queues[row.queue].clone();
+                (row, queue, reason)
+            })
+            .collect();
+        let done = self
+            .write(move |c| {
+                let now = db_now(c)?;
+                for (row, queue, reason) in &rows {
+                    if take_row(c, &ns, row.seq, row.token)?.is_none() {
+                        continue;
+                    }
+                    let dead_id = row.id.parse::<TaskId>().unwrap_or_default();
+                    c.prepare_cached(INSERT_DEAD)?.execute(params![
+                        ns,
+                        queue,
+                        dead_id.to_string(),
+                        reason,
+                        Option::<String>::None,
+                        now,
+                        now.saturating_add(retention),
+                        Option::<Vec<u8>>::None,
+                        String::from_utf8_lossy(&row.payload).into_owned()
+                    ])?;
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "could not dead-letter undecodable rows; they return after their lease");
         }
     }
 
-    /// Deletes the leased row behind `receipt`, releasing an on-finish
-    /// unique key; returns its queue and payload.
-    async fn take_row(
-        &self,
-        tx: &mut Transaction<'static, Sqlite>,
-        receipt: &Receipt,
-    ) -> Result<(String, Vec<u8>), BrokerError> {
-        let row: Option<(String, Vec<u8>, Option<String>, i64)> = sqlx::query_as(
-            "DELETE FROM stem_jobs WHERE ns = ? AND id = ? AND token = ? AND state IN (0, 2) \
-             RETURNING queue, payload, unique_key, unique_on_finish",
-        )
-        .bind(&self.opts.namespace)
-        .bind(receipt.task_id.to_string())
-        .bind(i64::try_from(receipt.token).unwrap_or(-1))
-        .fetch_optional(&mut **tx)
+    /// Acks `receipts` in one transaction, each row fenced by its own
+    /// token; `true` where the lease was live.
+    async fn ack_batch(&self, receipts: &[Receipt]) -> Result<Vec<bool>, BrokerError> {
+        let ns = self.ns.clone();
+        let leases: Vec<Option<(i64, i64)>> = receipts.iter().map(lease_of).collect();
+        self.write(move |c| {
+            let mut out = Vec::with_capacity(leases.len());
+            for lease in leases {
+                out.push(match lease {
+                    Some((seq, token)) => take_row(c, &ns, seq, token)?.is_some(),
+                    None => false,
+                });
+            }
+            Ok(out)
+        })
         .await
-        .map_err(|e| self.err(&e))?;
-        let Some((queue, payload, unique_key, on_finish)) = row else {
-            return Err(BrokerError::LeaseLost {
-                task_id: receipt.task_id,
-            });
-        };
-        if on_finish != 0
-            && let Some(key) = unique_key
-        {
-            sqlx::query("DELETE FROM stem_unique WHERE ns = ? AND key = ? AND holder = ?")
-                .bind(&self.opts.namespace)
-                .bind(key)
-                .bind(receipt.task_id.to_string())
-                .execute(&mut **tx)
-                .await
-                .map_err(|e| self.err(&e))?;
-        }
-        Ok((queue, payload))
     }
 
-    /// Deletes the rows behind `receipts` in one transaction, one statement
-    /// per chunk, each row fenced by its own token; returns the ids acked.
-    async fn ack_batch(&self, receipts: &[Receipt]) -> Result<HashSet<TaskId>, BrokerError> {
-        let mut acked = HashSet::with_capacity(receipts.len());
-        let mut tx = self.begin().await?;
-        for chunk in receipts.chunks(ACK_CHUNK) {
-            // INDEXED BY: left to itself the planner may pick the (ns, state)
-            // index for `state IN (0, 2)` and scan the whole backlog per ack
-            // (seen in the drain profile: the rate fell with the backlog).
-            // The CASE fences each row by the token of its own lease.
-            let mut sql = String::from(
-                "DELETE FROM stem_jobs INDEXED BY stem_jobs_id WHERE ns = ? AND state IN (0, 2) AND id IN (",
-            );
-            for i in 0..chunk.len() {
-                sql.push_str(if i == 0 { "?" } else { ", ?" });
-            }
-            sql.push_str(") AND token = CASE id");
-            for _ in chunk {
-                sql.push_str(" WHEN ? THEN ?");
-            }
-            sql.push_str(" END RETURNING id, unique_key, unique_on_finish");
-            let ids: Vec<String> = chunk.iter().map(|r| r.task_id.to_string()).collect();
-            let mut q =
-                sqlx::query_as::<_, (String, Option<String>, i64)>(sqlx::AssertSqlSafe(sql))
-                    .bind(&self.opts.namespace);
-            for id in &ids {
-                q = q.bind(id);
-            }
-            for (id, r) in ids.iter().zip(chunk) {
-                q = q.bind(id).bind(i64::try_from(r.token).unwrap_or(-1));
-            }
-            let rows = q.fetch_all(&mut *tx).await.map_err(|e| self.err(&e))?;
-            for (id, unique_key, on_finish) in rows {
-                if on_finish != 0
-                    && let Some(key) = unique_key
-                {
-                    sqlx::query("DELETE FROM stem_unique WHERE ns = ? AND key = ? AND holder = ?")
-                        .bind(&self.opts.namespace)
-                        .bind(key)
-                        .bind(&id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(|e| self.err(&e))?;
-                }
-                if let Ok(id) = id.parse::<TaskId>() {
-                    acked.insert(id);
-                }
-            }
-        }
-        tx.commit().await.map_err(|e| self.err(&e))?;
-        Ok(acked)
-    }
-
-    fn dead_letter_of(&self, row: &SqliteRow) -> DeadLetter {
-        let id: String = row.get(0);
-        let envelope: Option<Vec<u8>> = row.get(5);
-        DeadLetter {
+    fn dead_letter_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
+        let id: String = r.get(0)?;
+        let envelope: Option<Vec<u8>> = r.get(5)?;
+        Ok(DeadLetter {
             id: id.parse().unwrap_or_default(),
-            queue: row.get(1),
-            reason: row.get(2),
-            error: row.get(3),
+            queue: r.get(1)?,
+            reason: r.get(2)?,
+            error: r.get(3)?,
             dead_at: Utc
-                .timestamp_millis_opt(row.get(4))
+                .timestamp_millis_opt(r.get(4)?)
                 .single()
                 .unwrap_or_default(),
             envelope: envelope.and_then(|b| Envelope::decode(&b).ok()),
-            raw: row.get(6),
-        }
+            raw: r.get(6)?,
+        })
     }
 }
 
@@ -502,40 +537,21 @@ impl Broker for SqliteBroker {
     }
 
     async fn publish(&self, envelope: Envelope) -> Result<Published, BrokerError> {
-        let p = self.prepare(envelope)?;
-        if p.env.unique.is_some() {
-            let mut v = self.store(vec![p]).await?;
-            return v
-                .pop()
-                .ok_or_else(|| BrokerError::Invalid(String::from("empty publish")));
-        }
-        let id = p.env.id;
-        sqlx::query(concat!("INSERT INTO stem_jobs (ns, id, queue, priority, state, due_ms, payload) VALUES (?, ?, ?, ?, ?, ", now_sql!(), " + ?, ?)"))
-            .bind(&self.opts.namespace)
-            .bind(id.to_string())
-            .bind(&p.env.queue)
-            .bind(i64::from(p.env.priority))
-            .bind(p.state)
-            .bind(p.delay)
-            .bind(&p.payload)
-            .execute(&self.shared.pool)
-            .await
-            .map_err(|e| self.err(&e))?;
-        if p.state == 0 {
-            self.shared.wake.signal(Kind::Jobs);
-        }
-        Ok(Published::Stored(id))
+        let row = self.prepare(&envelope)?;
+        let mut v = self.store(vec![row]).await?;
+        v.pop()
+            .ok_or_else(|| BrokerError::Invalid(String::from("empty publish")))
     }
 
     async fn publish_many(&self, envelopes: Vec<Envelope>) -> Result<Vec<Published>, BrokerError> {
         if envelopes.is_empty() {
             return Ok(Vec::new());
         }
-        let items = envelopes
-            .into_iter()
+        let rows = envelopes
+            .iter()
             .map(|e| self.prepare(e))
             .collect::<Result<Vec<_>, _>>()?;
-        self.store(items).await
+        self.store(rows).await
     }
 
     async fn fetch(&self, req: &FetchRequest) -> Result<Vec<Delivery>, BrokerError> {
@@ -571,17 +587,26 @@ impl Broker for SqliteBroker {
     }
 
     async fn ack(&self, receipt: &Receipt) -> Result<(), BrokerError> {
-        let mut tx = self.begin().await?;
-        self.take_row(&mut tx, receipt).await?;
-        tx.commit().await.map_err(|e| self.err(&e))
+        let mut done = self.ack_batch(std::slice::from_ref(receipt)).await?;
+        if done.pop() == Some(true) {
+            Ok(())
+        } else {
+            Err(BrokerError::LeaseLost {
+                task_id: receipt.task_id,
+            })
+        }
     }
 
     async fn ack_many(&self, receipts: &[Receipt]) -> Vec<Result<(), BrokerError>> {
+        if receipts.is_empty() {
+            return Vec::new();
+        }
         match self.ack_batch(receipts).await {
-            Ok(acked) => receipts
-                .iter()
-                .map(|r| {
-                    if acked.contains(&r.task_id) {
+            Ok(done) => done
+                .into_iter()
+                .zip(receipts)
+                .map(|(ok, r)| {
+                    if ok {
                         Ok(())
                     } else {
                         Err(BrokerError::LeaseLost { task_id: r.task_id })
@@ -593,28 +618,33 @@ impl Broker for SqliteBroker {
     }
 
     async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<(), BrokerError> {
-        let done = sqlx::query(concat!(
-            "UPDATE stem_jobs SET state = 2, due_ms = ",
-            now_sql!(),
-            " + ? WHERE ns = ? AND id = ? AND token = ? AND state IN (0, 2)"
-        ))
-        .bind(ms_of(lease))
-        .bind(&self.opts.namespace)
-        .bind(receipt.task_id.to_string())
-        .bind(i64::try_from(receipt.token).unwrap_or(-1))
-        .execute(&self.shared.pool)
-        .await
-        .map_err(|e| self.err(&e))?;
-        if done.rows_affected() == 1 {
-            Ok(())
-        } else {
-            Err(BrokerError::LeaseLost {
-                task_id: receipt.task_id,
+        let lost = BrokerError::LeaseLost {
+            task_id: receipt.task_id,
+        };
+        let Some((seq, token)) = lease_of(receipt) else {
+            return Err(lost);
+        };
+        let ns = self.ns.clone();
+        let changed = self
+            .write(move |c| {
+                Ok(c.prepare_cached(concat!(
+                    "UPDATE stem_jobs SET state = 2, due_ms = ",
+                    now_sql!(),
+                    " + ?1 WHERE seq = ?2 AND ns = ?3 AND token = ?4 AND state IN (0, 2)"
+                ))?
+                .execute(params![ms_of(lease), seq, ns, token])?)
             })
-        }
+            .await?;
+        if changed == 1 { Ok(()) } else { Err(lost) }
     }
 
     async fn nack(&self, receipt: &Receipt, nack: Nack) -> Result<(), BrokerError> {
+        let lost = BrokerError::LeaseLost {
+            task_id: receipt.task_id,
+        };
+        let Some((seq, token)) = lease_of(receipt) else {
+            return Err(lost);
+        };
         let (state, delay) = if nack.after.is_zero() {
             (0, 0)
         } else {
@@ -632,21 +662,20 @@ impl Broker for SqliteBroker {
             }
             None => (None, None),
         };
-        let done = sqlx::query(concat!("UPDATE stem_jobs SET state = ?, due_ms = ", now_sql!(), " + ?, payload = COALESCE(?, payload), priority = COALESCE(?, priority) WHERE ns = ? AND id = ? AND token = ? AND state IN (0, 2)"))
-            .bind(state)
-            .bind(delay)
-            .bind(payload)
-            .bind(priority)
-            .bind(&self.opts.namespace)
-            .bind(receipt.task_id.to_string())
-            .bind(i64::try_from(receipt.token).unwrap_or(-1))
-            .execute(&self.shared.pool)
-            .await
-            .map_err(|e| self.err(&e))?;
-        if done.rows_affected() != 1 {
-            return Err(BrokerError::LeaseLost {
-                task_id: receipt.task_id,
-            });
+        let ns = self.ns.clone();
+        let changed = self
+            .write(move |c| {
+                Ok(c.prepare_cached(concat!(
+                    "UPDATE stem_jobs SET state = ?1, due_ms = ",
+                    now_sql!(),
+                    " + ?2, payload = COALESCE(?3, payload), priority = COALESCE(?4, priority) \
+                     WHERE seq = ?5 AND ns = ?6 AND token = ?7 AND state IN (0, 2)"
+                ))?
+                .execute(params![state, delay, payload, priority, seq, ns, token])?)
+            })
+            .await?;
+        if changed != 1 {
+            return Err(lost);
         }
         if state == 0 {
             self.shared.wake.signal(Kind::Jobs);
@@ -659,51 +688,73 @@ impl Broker for SqliteBroker {
         receipt: &Receipt,
         request: DeadLetterRequest,
     ) -> Result<(), BrokerError> {
-        let mut tx = self.begin().await?;
-        let now = db_now(&mut *tx).await.map_err(|e| self.err(&e))?;
-        let (queue, payload) = self.take_row(&mut tx, receipt).await?;
-        let envelope = match &request.envelope {
-            Some(env) => env.encode()?,
-            None => payload,
+        let task_id = receipt.task_id;
+        let Some((seq, token)) = lease_of(receipt) else {
+            return Err(BrokerError::LeaseLost { task_id });
         };
-        sqlx::query("INSERT INTO stem_dead (ns, queue, id, reason, error, dead_ms, expires_ms, envelope, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)")
-            .bind(&self.opts.namespace)
-            .bind(queue)
-            .bind(receipt.task_id.to_string())
-            .bind(&request.reason)
-            .bind(&request.error)
-            .bind(now)
-            .bind(now.saturating_add(ms_of(self.opts.dead_letter_retention)))
-            .bind(envelope)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.err(&e))?;
-        tx.commit().await.map_err(|e| self.err(&e))
+        let replacement = request
+            .envelope
+            .as_ref()
+            .map(Envelope::encode)
+            .transpose()?;
+        let ns = self.ns.clone();
+        let retention = ms_of(self.opts.dead_letter_retention);
+        self.write(move |c| {
+            let now = db_now(c)?;
+            let Some((queue, payload)) = take_row(c, &ns, seq, token)? else {
+                return Err(Fail::Other(BrokerError::LeaseLost { task_id }));
+            };
+            c.prepare_cached(INSERT_DEAD)?.execute(params![
+                ns,
+                queue,
+                task_id.to_string(),
+                request.reason,
+                request.error,
+                now,
+                now.saturating_add(retention),
+                replacement.unwrap_or(payload),
+                Option::<String>::None
+            ])?;
+            Ok(())
+        })
+        .await
     }
 
     async fn dead_letters(&self, queue: &str, page: Page) -> Result<Vec<DeadLetter>, BrokerError> {
-        let rows = sqlx::query(concat!("SELECT id, queue, reason, error, dead_ms, envelope, raw FROM stem_dead WHERE ns = ? AND queue = ? AND expires_ms > ", now_sql!(), " ORDER BY seq LIMIT ? OFFSET ?"))
-            .bind(&self.opts.namespace)
-            .bind(queue)
-            .bind(i64::try_from(page.limit).unwrap_or(i64::MAX))
-            .bind(i64::try_from(page.offset).unwrap_or(i64::MAX))
-            .fetch_all(&self.shared.pool)
-            .await
-            .map_err(|e| self.err(&e))?;
-        Ok(rows.iter().map(|r| self.dead_letter_of(r)).collect())
+        let (ns, queue) = (self.ns.clone(), queue.to_owned());
+        self.read(move |c| {
+            let mut st = c.prepare_cached(concat!(
+                "SELECT id, queue, reason, error, dead_ms, envelope, raw FROM stem_dead \
+                 WHERE ns = ?1 AND queue = ?2 AND expires_ms > ",
+                now_sql!(),
+                " ORDER BY seq LIMIT ?3 OFFSET ?4"
+            ))?;
+            let rows = st.query_map(
+                params![
+                    ns,
+                    queue,
+                    i64::try_from(page.limit).unwrap_or(i64::MAX),
+                    i64::try_from(page.offset).unwrap_or(i64::MAX)
+                ],
+                Self::dead_letter_of,
+            )?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
     }
 
     async fn dead_letter_count(&self, queue: &str) -> Result<u64, BrokerError> {
-        let n: i64 = sqlx::query_scalar(concat!(
-            "SELECT COUNT(*) FROM stem_dead WHERE ns = ? AND queue = ? AND expires_ms > ",
-            now_sql!()
-        ))
-        .bind(&self.opts.namespace)
-        .bind(queue)
-        .fetch_one(&self.shared.pool)
+        let (ns, queue) = (self.ns.clone(), queue.to_owned());
+        self.read(move |c| {
+            let n: i64 = c
+                .prepare_cached(concat!(
+                    "SELECT COUNT(*) FROM stem_dead WHERE ns = ?1 AND queue = ?2 AND expires_ms > ",
+                    now_sql!()
+                ))?
+                .query_row(params![ns, queue], |r| r.get(0))?;
+            Ok(u64_of(n))
+        })
         .await
-        .map_err(|e| self.err(&e))?;
-        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     async fn replay_dead_letters(
@@ -712,53 +763,42 @@ impl Broker for SqliteBroker {
         which: Replay,
         reset_attempts: bool,
     ) -> Result<u64, BrokerError> {
-        let mut tx = self.begin().await?;
-        let now = db_now(&mut *tx).await.map_err(|e| self.err(&e))?;
-        let rows: Vec<(i64, String, Option<Vec<u8>>)> = match which {
-            Replay::One(id) => sqlx::query_as("SELECT seq, id, envelope FROM stem_dead WHERE ns = ? AND queue = ? AND id = ? AND expires_ms > ? ORDER BY seq")
-                .bind(&self.opts.namespace)
-                .bind(queue)
-                .bind(id.to_string())
-                .bind(now)
-                .fetch_all(&mut *tx)
-                .await,
-            Replay::All => sqlx::query_as("SELECT seq, id, envelope FROM stem_dead WHERE ns = ? AND queue = ? AND expires_ms > ? ORDER BY seq")
-                .bind(&self.opts.namespace)
-                .bind(queue)
-                .bind(now)
-                .fetch_all(&mut *tx)
-                .await,
-        }
-        .map_err(|e| self.err(&e))?;
-        let mut replayed = 0u64;
-        for (seq, _id, envelope) in rows {
-            let Some(mut env) = envelope.and_then(|b| Envelope::decode(&b).ok()) else {
-                continue; // garbage stays dead: there is nothing to run
-            };
-            if reset_attempts {
-                env.attempt = 0;
-                env.last_error = None;
-            }
-            let payload = env.encode()?;
-            let inserted = sqlx::query("INSERT OR IGNORE INTO stem_jobs (ns, id, queue, priority, state, due_ms, payload) VALUES (?, ?, ?, ?, 0, 0, ?)")
-                .bind(&self.opts.namespace)
-                .bind(env.id.to_string())
-                .bind(&env.queue)
-                .bind(i64::from(env.priority))
-                .bind(payload)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.err(&e))?;
-            if inserted.rows_affected() == 1 {
-                sqlx::query("DELETE FROM stem_dead WHERE seq = ?")
-                    .bind(seq)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| self.err(&e))?;
-                replayed += 1;
-            }
-        }
-        tx.commit().await.map_err(|e| self.err(&e))?;
+        let (ns, queue) = (self.ns.clone(), queue.to_owned());
+        let replayed = self
+            .write(move |c| {
+                let now = db_now(c)?;
+                let rows: Vec<(i64, Option<Vec<u8>>)> = match which {
+                    Replay::One(id) => c
+                        .prepare_cached("SELECT seq, envelope FROM stem_dead WHERE ns = ?1 AND queue = ?2 AND id = ?3 AND expires_ms > ?4 ORDER BY seq")?
+                        .query_map(params![ns, queue, id.to_string(), now], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<Result<_, _>>()?,
+                    Replay::All => c
+                        .prepare_cached("SELECT seq, envelope FROM stem_dead WHERE ns = ?1 AND queue = ?2 AND expires_ms > ?3 ORDER BY seq")?
+                        .query_map(params![ns, queue, now], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<Result<_, _>>()?,
+                };
+                let mut replayed = 0u64;
+                for (seq, envelope) in rows {
+                    let Some(mut env) = envelope.and_then(|b| Envelope::decode(&b).ok()) else {
+                        continue; // garbage stays dead: there is nothing to run
+                    };
+                    if reset_attempts {
+                        env.attempt = 0;
+                        env.last_error = None;
+                    }
+                    let payload = env.encode().map_err(|e| Fail::Other(e.into()))?;
+                    let inserted = c
+                        .prepare_cached("INSERT OR IGNORE INTO stem_jobs (ns, id, queue, priority, state, due_ms, payload) VALUES (?1, ?2, ?3, ?4, 0, 0, ?5)")?
+                        .execute(params![ns, env.id.to_string(), env.queue, i64::from(env.priority), payload])?;
+                    if inserted == 1 {
+                        c.prepare_cached("DELETE FROM stem_dead WHERE seq = ?1")?
+                            .execute(params![seq])?;
+                        replayed += 1;
+                    }
+                }
+                Ok(replayed)
+            })
+            .await?;
         if replayed > 0 {
             self.shared.wake.signal(Kind::Jobs);
         }
@@ -766,68 +806,76 @@ impl Broker for SqliteBroker {
     }
 
     async fn purge_dead_letters(&self, queue: &str) -> Result<u64, BrokerError> {
-        let done = sqlx::query("DELETE FROM stem_dead WHERE ns = ? AND queue = ?")
-            .bind(&self.opts.namespace)
-            .bind(queue)
-            .execute(&self.shared.pool)
-            .await
-            .map_err(|e| self.err(&e))?;
-        Ok(done.rows_affected())
+        let (ns, queue) = (self.ns.clone(), queue.to_owned());
+        self.write(move |c| {
+            let n = c
+                .prepare_cached("DELETE FROM stem_dead WHERE ns = ?1 AND queue = ?2")?
+                .execute(params![ns, queue])?;
+            Ok(n as u64)
+        })
+        .await
     }
 
     async fn stats(&self, queue: &str) -> Result<QueueStats, BrokerError> {
-        let now = db_now(&self.shared.pool).await.map_err(|e| self.err(&e))?;
-        // Ready rows are counted from the covering index alone; only the
-        // (few) delayed and leased rows are read to compare their due time.
-        let (ready, delayed, leased): (i64, i64, i64) = sqlx::query_as(
-            "SELECT \
-               (SELECT COUNT(*) FROM stem_jobs WHERE ns = ?2 AND queue = ?3 AND state = 0) \
-                 + COALESCE(SUM(CASE WHEN due_ms <= ?1 THEN 1 ELSE 0 END), 0), \
-               COALESCE(SUM(CASE WHEN state = 1 AND due_ms > ?1 THEN 1 ELSE 0 END), 0), \
-               COALESCE(SUM(CASE WHEN state = 2 AND due_ms > ?1 THEN 1 ELSE 0 END), 0) \
-             FROM stem_jobs WHERE ns = ?2 AND queue = ?3 AND state IN (1, 2)",
-        )
-        .bind(now)
-        .bind(&self.opts.namespace)
-        .bind(queue)
-        .fetch_one(&self.shared.pool)
-        .await
-        .map_err(|e| self.err(&e))?;
+        let (ns, q) = (self.ns.clone(), queue.to_owned());
+        // Ready rows are counted from the ready index alone; only the (few)
+        // delayed and leased rows are read to compare their due time.
+        let (ready, delayed, leased) = self
+            .read(move |c| {
+                let now = db_now(c)?;
+                Ok(c.prepare_cached(
+                    "SELECT \
+                       (SELECT COUNT(*) FROM stem_jobs WHERE ns = ?2 AND queue = ?3 AND state = 0) \
+                         + COALESCE(SUM(CASE WHEN due_ms <= ?1 THEN 1 ELSE 0 END), 0), \
+                       COALESCE(SUM(CASE WHEN state = 1 AND due_ms > ?1 THEN 1 ELSE 0 END), 0), \
+                       COALESCE(SUM(CASE WHEN state = 2 AND due_ms > ?1 THEN 1 ELSE 0 END), 0) \
+                     FROM stem_jobs WHERE ns = ?2 AND state > 0 AND queue = ?3",
+                )?
+                .query_row(params![now, ns, q], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })?)
+            })
+            .await?;
         let dead = self.dead_letter_count(queue).await?;
-        let u = |n: i64| u64::try_from(n).unwrap_or(0);
         Ok(QueueStats {
-            ready: u(ready),
-            delayed: u(delayed),
-            leased: u(leased),
+            ready: u64_of(ready),
+            delayed: u64_of(delayed),
+            leased: u64_of(leased),
             dead,
         })
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
-        let mut tx = self.begin().await?;
-        let now = db_now(&mut *tx).await.map_err(|e| self.err(&e))?;
-        let removed: Vec<(String, Option<String>)> = sqlx::query_as(
-            "DELETE FROM stem_jobs WHERE ns = ? AND queue = ? AND (state IN (0, 1) OR due_ms <= ?) RETURNING id, unique_key",
-        )
-        .bind(&self.opts.namespace)
-        .bind(queue)
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(|e| self.err(&e))?;
-        for (id, key) in &removed {
-            if let Some(key) = key {
-                sqlx::query("DELETE FROM stem_unique WHERE ns = ? AND key = ? AND holder = ?")
-                    .bind(&self.opts.namespace)
-                    .bind(key)
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(|e| self.err(&e))?;
+        let (ns, queue) = (self.ns.clone(), queue.to_owned());
+        self.write(move |c| {
+            let now = db_now(c)?;
+            let mut removed: Vec<(String, Option<String>)> = Vec::new();
+            {
+                let mut ready = c.prepare_cached(
+                    "DELETE FROM stem_jobs WHERE ns = ?1 AND queue = ?2 AND state = 0 RETURNING id, unique_key",
+                )?;
+                for row in ready.query_map(params![ns, queue], |r| Ok((r.get(0)?, r.get(1)?)))? {
+                    removed.push(row?);
+                }
+                let mut later = c.prepare_cached(
+                    "DELETE FROM stem_jobs WHERE ns = ?1 AND state > 0 AND queue = ?2 AND (state = 1 OR due_ms <= ?3) RETURNING id, unique_key",
+                )?;
+                for row in later.query_map(params![ns, queue, now], |r| Ok((r.get(0)?, r.get(1)?)))? {
+                    removed.push(row?);
+                }
             }
-        }
-        tx.commit().await.map_err(|e| self.err(&e))?;
-        Ok(removed.len() as u64)
+            for (id, key) in &removed {
+                if let Some(key) = key {
+                    c.prepare_cached(RELEASE_UNIQUE)?.execute(params![ns, key, id])?;
+                }
+            }
+            Ok(removed.len() as u64)
+        })
+        .await
     }
 
     async fn broadcast(&self, channel: &str, payload: &str) -> Result<(), BrokerError> {
@@ -836,17 +884,17 @@ impl Broker for SqliteBroker {
                 "the broadcast channel name is empty",
             )));
         }
-        sqlx::query(concat!(
-            "INSERT INTO stem_broadcast (ns, channel, payload, sent_ms) VALUES (?, ?, ?, ",
-            now_sql!(),
-            ")"
-        ))
-        .bind(&self.opts.namespace)
-        .bind(channel)
-        .bind(payload)
-        .execute(&self.shared.pool)
-        .await
-        .map_err(|e| self.err(&e))?;
+        let (ns, channel, payload) = (self.ns.clone(), channel.to_owned(), payload.to_owned());
+        self.write(move |c| {
+            c.prepare_cached(concat!(
+                "INSERT INTO stem_broadcast (ns, channel, payload, sent_ms) VALUES (?1, ?2, ?3, ",
+                now_sql!(),
+                ")"
+            ))?
+            .execute(params![ns, channel, payload])?;
+            Ok(())
+        })
+        .await?;
         self.shared.wake.signal(Kind::Broadcast);
         Ok(())
     }
@@ -857,29 +905,35 @@ impl Broker for SqliteBroker {
                 "the broadcast channel name is empty",
             )));
         }
-        let mut cursor: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM stem_broadcast")
-                .fetch_one(&self.shared.pool)
-                .await
-                .map_err(|e| self.err(&e))?;
+        let mut cursor: i64 = self
+            .read(|c| {
+                Ok(
+                    c.prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM stem_broadcast")?
+                        .query_row([], |r| r.get(0))?,
+                )
+            })
+            .await?;
         let (tx, rx) = tokio::sync::mpsc::channel::<BroadcastMessage>(1024);
-        let shared = Arc::clone(&self.shared);
-        let ns = self.opts.namespace.clone();
+        let this = self.clone();
         let channel = channel.to_owned();
         let poll = self.opts.poll_interval;
         tokio::spawn(async move {
             while !tx.is_closed() {
-                let notified = shared.wake.signals.broadcast.notified();
+                let notified = this.shared.wake.signals.broadcast.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                let rows: Result<Vec<(i64, String)>, _> = sqlx::query_as(
-                    "SELECT seq, payload FROM stem_broadcast WHERE ns = ? AND channel = ? AND seq > ? ORDER BY seq",
-                )
-                .bind(&ns)
-                .bind(&channel)
-                .bind(cursor)
-                .fetch_all(&shared.pool)
-                .await;
+                let (ns, ch) = (this.ns.clone(), channel.clone());
+                let rows = this
+                    .read(move |c| {
+                        let mut st = c.prepare_cached(
+                            "SELECT seq, payload FROM stem_broadcast WHERE ns = ?1 AND channel = ?2 AND seq > ?3 ORDER BY seq",
+                        )?;
+                        let rows = st.query_map(params![ns, ch, cursor], |r| {
+                            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                        })?;
+                        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                    })
+                    .await;
                 match rows {
                     Ok(rows) => {
                         for (seq, payload) in rows {
@@ -910,24 +964,17 @@ impl Broker for SqliteBroker {
     }
 
     async fn maintain(&self) -> Result<(), BrokerError> {
-        let now = db_now(&self.shared.pool).await.map_err(|e| self.err(&e))?;
-        for sql in [
-            "DELETE FROM stem_dead WHERE ns = ? AND expires_ms <= ?",
-            "DELETE FROM stem_unique WHERE ns = ? AND until_ms <= ?",
-        ] {
-            sqlx::query(sql)
-                .bind(&self.opts.namespace)
-                .bind(now)
-                .execute(&self.shared.pool)
-                .await
-                .map_err(|e| self.err(&e))?;
-        }
-        sqlx::query("DELETE FROM stem_broadcast WHERE ns = ? AND sent_ms <= ?")
-            .bind(&self.opts.namespace)
-            .bind(now - BROADCAST_KEEP_MS)
-            .execute(&self.shared.pool)
-            .await
-            .map_err(|e| self.err(&e))?;
-        Ok(())
+        let ns = self.ns.clone();
+        self.write(move |c| {
+            let now = db_now(c)?;
+            c.prepare_cached("DELETE FROM stem_dead WHERE ns = ?1 AND expires_ms <= ?2")?
+                .execute(params![ns, now])?;
+            c.prepare_cached("DELETE FROM stem_unique WHERE ns = ?1 AND until_ms <= ?2")?
+                .execute(params![ns, now])?;
+            c.prepare_cached("DELETE FROM stem_broadcast WHERE ns = ?1 AND sent_ms <= ?2")?
+                .execute(params![ns, now - BROADCAST_KEEP_MS])?;
+            Ok(())
+        })
+        .await
     }
 }

@@ -30,6 +30,7 @@
 
 mod backend;
 mod broker;
+mod db;
 mod schema;
 mod shared;
 mod wake;
@@ -63,7 +64,7 @@ pub struct SqliteOptions {
     pub dead_letter_retention: Duration,
     /// `synchronous=FULL` instead of `NORMAL`.
     pub synchronous_full: bool,
-    /// Connections in the pool.
+    /// Reader connections at most (writes go through one writer thread).
     pub max_connections: u32,
 }
 

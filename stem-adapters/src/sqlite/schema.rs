@@ -3,7 +3,9 @@
 //! opening a new file at once, one migrates and the other then sees the
 //! new version and does nothing.
 
-use sqlx::{Row, SqlitePool};
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::db::DbError;
 
 /// Each entry upgrades the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -97,57 +99,47 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (ns, id)
     ) WITHOUT ROWID;
     ",
+    // 2: the ready index holds only ready rows and the due index only
+    // delayed and leased ones, so a claim moves one entry out of the first
+    // and one into the second instead of rewriting both, and the indexes
+    // stay as small as the work they find.
+    r"
+    DROP INDEX stem_jobs_ready;
+    DROP INDEX stem_jobs_due;
+    CREATE INDEX stem_jobs_ready ON stem_jobs (ns, queue, priority DESC, seq) WHERE state = 0;
+    CREATE INDEX stem_jobs_due ON stem_jobs (ns, due_ms) WHERE state > 0;
+    ",
 ];
 
 /// The schema version this build writes.
 pub(crate) const VERSION: i64 = MIGRATIONS.len() as i64;
 
-pub(crate) async fn migrate(pool: &SqlitePool) -> Result<(), sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    let current: i64 = sqlx::query("PRAGMA user_version")
-        .fetch_one(&mut *conn)
-        .await?
-        .try_get(0)?;
+/// Brings the schema to [`VERSION`]. Blocking.
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), DbError> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if current == VERSION {
         return Ok(());
     }
     if current > VERSION {
-        return Err(sqlx::Error::Protocol(format!(
-            "the database schema is version {current}, newer than this build's {VERSION}: upgrade Stem"
-        )));
+        return Err(DbError {
+            unavailable: false,
+            reason: format!(
+                "the database schema is version {current}, newer than this build's {VERSION}: upgrade Stem"
+            ),
+        });
     }
-    sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-    let result = async {
-        let current: i64 = sqlx::query("PRAGMA user_version")
-            .fetch_one(&mut *conn)
-            .await?
-            .try_get(0)?;
-        for (i, sql) in MIGRATIONS
-            .iter()
-            .enumerate()
-            .skip(usize::try_from(current).unwrap_or(0))
-        {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(*sql))
-                .execute(&mut *conn)
-                .await?;
-            tracing::info!(version = i + 1, "SQLite schema migrated");
-        }
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "PRAGMA user_version = {VERSION}"
-        )))
-        .execute(&mut *conn)
-        .await?;
-        Ok::<(), sqlx::Error>(())
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Read again under the write lock: another process may have migrated.
+    let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(current).unwrap_or(0))
+    {
+        tx.execute_batch(sql)?;
+        tracing::info!(version = i + 1, "SQLite schema migrated");
     }
-    .await;
-    match result {
-        Ok(()) => {
-            sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
-            Ok(())
-        }
-        Err(e) => {
-            let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-            Err(e)
-        }
-    }
+    tx.pragma_update(None, "user_version", VERSION)?;
+    tx.commit()?;
+    Ok(())
 }

@@ -1,20 +1,18 @@
-//! One connection pool and one set of wake-up signals per database file per
-//! process, shared by every broker and backend client opened on it.
+//! One set of connections (writer thread, readers) and one set of wake-up
+//! signals per database file per process, shared by every broker and
+//! backend client opened on it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use super::SqliteOptions;
+use super::db::{Db, DbError};
 use super::wake::Wake;
-use super::{SqliteOptions, schema};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
 
 /// What clients of one file share.
 pub(crate) struct Shared {
-    pub(crate) pool: SqlitePool,
+    pub(crate) db: Db,
     pub(crate) path: PathBuf,
     /// Wakes waiters in this process and in the others on the same file.
     pub(crate) wake: Wake,
@@ -25,15 +23,11 @@ impl Shared {
         format!("sqlite://{}", self.path.display())
     }
 
-    /// Sorts a sqlx error: `Ok` for storage errors, `Err` when the database
-    /// is unreachable (I/O, pool exhausted or closed); both with the
-    /// adapter's name and the message.
-    pub(crate) fn classify(&self, e: &sqlx::Error) -> Result<(String, String), (String, String)> {
-        let parts = (self.describe(), e.to_string());
-        match e {
-            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => Err(parts),
-            _ => Ok(parts),
-        }
+    /// The adapter's name and the reason, sorted: `Ok` for storage
+    /// errors, `Err` when the database is unreachable.
+    pub(crate) fn classify(&self, e: &DbError) -> Result<(String, String), (String, String)> {
+        let parts = (self.describe(), e.reason.clone());
+        if e.unavailable { Err(parts) } else { Ok(parts) }
     }
 }
 
@@ -100,35 +94,16 @@ pub(crate) async fn open(path: &Path, opts: &SqliteOptions) -> Result<Arc<Shared
     {
         return Ok(existing);
     }
-    let connect = SqliteConnectOptions::from_str("sqlite://")
-        .map_err(|e| err(e.to_string()))?
-        .filename(&key)
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(if opts.synchronous_full {
-            SqliteSynchronous::Full
-        } else {
-            SqliteSynchronous::Normal
-        })
-        .busy_timeout(opts.busy_timeout)
-        .foreign_keys(false)
-        .statement_cache_capacity(256)
-        // 4 MiB of page cache per connection (the default is 2 MiB). No
-        // memory map: mapped pages count in the worker's RSS and grow with
-        // the file, and they bought nothing measurable here.
-        .pragma("cache_size", "-4096")
-        .pragma("temp_store", "memory");
-    let pool = SqlitePoolOptions::new()
-        .max_connections(opts.max_connections)
-        .min_connections(1)
-        .connect_with(connect)
-        .await
-        .map_err(|e| err(e.to_string()))?;
-    schema::migrate(&pool)
-        .await
-        .map_err(|e| err(e.to_string()))?;
+    let db = {
+        let key = key.clone();
+        let opts = opts.clone();
+        tokio::task::spawn_blocking(move || Db::open(&key, &opts))
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .map_err(|e| err(e.reason))?
+    };
     let shared = Arc::new(Shared {
-        pool,
+        db,
         path: key.clone(),
         wake: Wake::new(&key),
     });
