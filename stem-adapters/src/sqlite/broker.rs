@@ -50,6 +50,11 @@ const CLAIM: &str = "UPDATE stem_jobs SET state = 2, due_ms = ?1, token = token 
 const TAKE: &str = "DELETE FROM stem_jobs WHERE seq = ?1 AND ns = ?2 AND token = ?3 AND state IN (0, 2) \
      RETURNING id, queue, payload, unique_key, unique_on_finish";
 
+/// [`TAKE`] for an ack: returns the unique key to release with the row
+/// (only when it goes on finish), not the payload.
+const ACK: &str = "DELETE FROM stem_jobs WHERE seq = ?1 AND ns = ?2 AND token = ?3 AND state IN (0, 2) \
+     RETURNING id, CASE WHEN unique_on_finish <> 0 THEN unique_key END";
+
 const RELEASE_UNIQUE: &str = "DELETE FROM stem_unique WHERE ns = ?1 AND key = ?2 AND holder = ?3";
 
 const INSERT_DEAD: &str = "INSERT INTO stem_dead (ns, queue, id, reason, error, dead_ms, expires_ms, envelope, raw) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
@@ -481,17 +486,27 @@ impl SqliteBroker {
     }
 
     /// Acks `receipts` in one transaction, each row fenced by its own
-    /// token; `true` where the lease was live.
+    /// token; `true` where the lease was live. Reads back only what an ack
+    /// needs (the unique key), never the payload.
     async fn ack_batch(&self, receipts: &[Receipt]) -> Result<Vec<bool>, BrokerError> {
         let ns = self.ns.clone();
         let leases: Vec<Option<(i64, i64)>> = receipts.iter().map(lease_of).collect();
         self.write(move |c| {
             let mut out = Vec::with_capacity(leases.len());
+            let mut ack = c.prepare_cached(ACK)?;
             for lease in leases {
-                out.push(match lease {
-                    Some((seq, token)) => take_row(c, &ns, seq, token)?.is_some(),
-                    None => false,
-                });
+                let Some((seq, token)) = lease else {
+                    out.push(false);
+                    continue;
+                };
+                let row: Option<(String, Option<String>)> = ack
+                    .query_row(params![seq, ns, token], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                if let Some((id, Some(key))) = &row {
+                    c.prepare_cached(RELEASE_UNIQUE)?
+                        .execute(params![ns, key, id])?;
+                }
+                out.push(row.is_some());
             }
             Ok(out)
         })
