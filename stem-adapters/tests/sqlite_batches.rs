@@ -50,3 +50,71 @@ async fn ack_many_fences_each_receipt_across_chunks() {
         stem_core::QueueStats::default()
     );
 }
+
+/// Writes queued together share one transaction, each in its own
+/// savepoint: the ones that fail (stale receipts) change nothing and the
+/// rest all land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_write_in_a_group_commit_rolls_back_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = SqliteBroker::open(dir.path().join("group.db"), SqliteOptions::default())
+        .await
+        .unwrap();
+    let envs: Vec<_> = (0..40)
+        .map(|i| Envelope::new("t", "q", serde_json::json!({ "i": i })).unwrap())
+        .collect();
+    b.publish_many(envs).await.unwrap();
+    let got = b
+        .fetch(&FetchRequest::new(["q"], 40).lease(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 40);
+    // Every receipt goes stale: the deliveries are handed back and claimed again.
+    for d in &got {
+        b.nack(&d.receipt, Nack::after(Duration::ZERO))
+            .await
+            .unwrap();
+    }
+    let live = b.fetch(&FetchRequest::new(["q"], 40)).await.unwrap();
+    assert_eq!(live.len(), 40);
+    // Stale dead-letters, fresh publishes and live acks, all queued at once.
+    let stale = got.iter().map(|d| {
+        let b = b.clone();
+        let r = d.receipt.clone();
+        tokio::spawn(async move {
+            b.dead_letter(&r, stem_core::DeadLetterRequest::new("stale"))
+                .await
+        })
+    });
+    let fresh = (0..40).map(|i| {
+        let b = b.clone();
+        tokio::spawn(async move {
+            b.publish(Envelope::new("t", "q2", serde_json::json!({ "j": i })).unwrap())
+                .await
+        })
+    });
+    let acks = live.iter().map(|d| {
+        let b = b.clone();
+        let r = d.receipt.clone();
+        tokio::spawn(async move { b.ack(&r).await })
+    });
+    let (stale, fresh, acks) = futures::join!(
+        futures::future::join_all(stale),
+        futures::future::join_all(fresh),
+        futures::future::join_all(acks)
+    );
+    for r in stale {
+        assert!(
+            matches!(r.unwrap(), Err(BrokerError::LeaseLost { .. })),
+            "a stale dead-letter is refused"
+        );
+    }
+    assert!(fresh.into_iter().all(|r| r.unwrap().is_ok()));
+    assert!(acks.into_iter().all(|r| r.unwrap().is_ok()));
+    assert_eq!(
+        b.stats("q").await.unwrap(),
+        stem_core::QueueStats::default(),
+        "acked, and nothing dead-lettered by the stale receipts"
+    );
+    assert_eq!(b.stats("q2").await.unwrap().ready, 40);
+}

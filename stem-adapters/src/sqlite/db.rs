@@ -160,7 +160,7 @@ where
 
 /// The connections of one database file in this process.
 pub(crate) struct Db {
-    writer: Mutex<mpsc::Sender<Box<dyn Job>>>,
+    writer: mpsc::Sender<Box<dyn Job>>,
     readers: Mutex<Vec<Connection>>,
     reader_slots: Semaphore,
     path: PathBuf,
@@ -240,7 +240,7 @@ impl Db {
                 reason: format!("cannot start the writer thread: {e}"),
             })?;
         Ok(Self {
-            writer: Mutex::new(tx),
+            writer: tx,
             readers: Mutex::new(Vec::new()),
             reader_slots: Semaphore::new(usize::try_from(opts.max_connections).unwrap_or(4)),
             path: path.to_path_buf(),
@@ -263,8 +263,6 @@ impl Db {
             reply,
         });
         self.writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .send(job)
             .map_err(|_| Fail::Db(DbError::gone()))?;
         rx.await.map_err(|_| Fail::Db(DbError::gone()))?
