@@ -508,10 +508,12 @@ impl State {
         Ok(lease)
     }
 
-    fn ack(&mut self, receipt: &Receipt) -> Result<(), BrokerError> {
+    /// Acks `receipt`; the lease comes back so the caller can drop it
+    /// (and free its envelope) after letting go of the lock.
+    fn ack(&mut self, receipt: &Receipt) -> Result<Lease, BrokerError> {
         let lease = self.take_lease(receipt)?;
         self.release_unique(&lease.envelope, false);
-        Ok(())
+        Ok(lease)
     }
 
     /// The earliest time something may become deliverable in `queues`.
@@ -592,111 +594,127 @@ impl Core {
 
     /// One pass of a fetch: leases what is ready now. Also returns when
     /// something may become ready, for a fetcher that has to wait.
+    ///
+    /// The lock is taken twice, briefly: once to pop the ready entries
+    /// (counted as leased from then on) and once to record their leases.
+    /// Copying each envelope for its delivery, the allocations of the
+    /// receipts and the `Vec` happen in between, outside the lock, so acks
+    /// and publishes from other threads are not held up by them. Nothing
+    /// else can see the popped entries in between: their tokens are not
+    /// out yet.
     fn take(&self, req: &FetchRequest) -> (Vec<Delivery>, Option<Instant>) {
         let now_i = Instant::now();
         let now_u = Utc::now();
-        let mut st = self.lock();
-        st.rescue(now_i);
-        let n = req.queues.len();
-        let start = st.rotation % n;
-        st.rotation = st.rotation.wrapping_add(1);
-        let State {
-            queues,
-            leases,
-            expiries,
-            next_token,
-            ..
-        } = &mut *st;
-        for name in &req.queues {
-            if let Some(q) = queues.get_mut(name.as_str()) {
-                q.promote(now_u);
+        let mut popped: Vec<(Arc<str>, Envelope, u32)> = Vec::new();
+        let first_token = {
+            let mut st = self.lock();
+            st.rescue(now_i);
+            let n = req.queues.len();
+            let start = st.rotation % n;
+            st.rotation = st.rotation.wrapping_add(1);
+            let queues = &mut st.queues;
+            for name in &req.queues {
+                if let Some(q) = queues.get_mut(name.as_str()) {
+                    q.promote(now_u);
+                }
             }
-        }
-        let mut out = Vec::with_capacity(req.max.min(1024));
+            'rounds: loop {
+                let mut progressed = false;
+                for i in 0..n {
+                    if popped.len() >= req.max {
+                        break 'rounds;
+                    }
+                    let Some(q) = queues.get_mut(req.queues[(start + i) % n].as_str()) else {
+                        continue;
+                    };
+                    let Some(entry) = q.pop_ready() else {
+                        continue;
+                    };
+                    progressed = true;
+                    let envelope = match entry.payload {
+                        Payload::Envelope(e) => e,
+                        Payload::Raw(bytes) => match Envelope::decode(&bytes) {
+                            Ok(e) => e,
+                            Err(err) => {
+                                let reason = format!("undecodable envelope: {err}");
+                                tracing::warn!(queue = %q.name, %reason, "garbage in queue moved to dead letters");
+                                q.dead.push_back(DeadLetter {
+                                    id: TaskId::new(),
+                                    queue: q.name.to_string(),
+                                    reason,
+                                    error: None,
+                                    dead_at: now_u,
+                                    envelope: None,
+                                    raw: Some(String::from_utf8_lossy(&bytes).into_owned()),
+                                });
+                                continue;
+                            }
+                        },
+                    };
+                    if popped.capacity() == 0 {
+                        popped.reserve_exact(req.max.min(1024));
+                    }
+                    q.leased += 1;
+                    popped.push((
+                        Arc::clone(&q.name),
+                        envelope,
+                        entry.deliveries.saturating_add(1),
+                    ));
+                }
+                if !progressed {
+                    break;
+                }
+            }
+            if popped.is_empty() {
+                return (Vec::new(), st.next_wake(&req.queues, now_u, now_i));
+            }
+            let first = st.next_token;
+            st.next_token += popped.len() as u64;
+            first
+        };
+        let out: Vec<Delivery> = popped
+            .iter()
+            .zip(first_token..)
+            .map(|((queue, envelope, deliveries), token)| Delivery {
+                envelope: envelope.clone(),
+                receipt: Receipt {
+                    task_id: envelope.id,
+                    queue: queue.to_string(),
+                    token,
+                    tag: String::new(),
+                },
+                delivery_count: *deliveries,
+            })
+            .collect();
         let deadline = now_i + req.lease;
-        let mut woke_earlier = false;
-        'rounds: loop {
-            let mut progressed = false;
-            for i in 0..n {
-                if out.len() >= req.max {
-                    break 'rounds;
-                }
-                let Some(q) = queues.get_mut(req.queues[(start + i) % n].as_str()) else {
-                    continue;
-                };
-                let Some(entry) = q.pop_ready() else {
-                    continue;
-                };
-                progressed = true;
-                let envelope = match entry.payload {
-                    Payload::Envelope(e) => e,
-                    Payload::Raw(bytes) => match Envelope::decode(&bytes) {
-                        Ok(e) => e,
-                        Err(err) => {
-                            let reason = format!("undecodable envelope: {err}");
-                            tracing::warn!(queue = %q.name, %reason, "garbage in queue moved to dead letters");
-                            q.dead.push_back(DeadLetter {
-                                id: TaskId::new(),
-                                queue: q.name.to_string(),
-                                reason,
-                                error: None,
-                                dead_at: now_u,
-                                envelope: None,
-                                raw: Some(String::from_utf8_lossy(&bytes).into_owned()),
-                            });
-                            continue;
-                        }
-                    },
-                };
-                let token = *next_token;
-                *next_token += 1;
-                let deliveries = entry.deliveries.saturating_add(1);
-                if expiries
-                    .peek()
-                    .is_none_or(|Reverse((at, _))| deadline < *at)
-                {
-                    woke_earlier = true;
-                }
-                expiries.push(Reverse((deadline, token)));
-                q.leased += 1;
-                out.push(Delivery {
-                    envelope: envelope.clone(),
-                    receipt: Receipt {
-                        task_id: envelope.id,
-                        queue: q.name.to_string(),
-                        token,
-                        tag: String::new(),
-                    },
-                    delivery_count: deliveries,
-                });
-                leases.insert(
+        let woke_earlier = {
+            let mut st = self.lock();
+            let woke_earlier = st
+                .expiries
+                .peek()
+                .is_none_or(|Reverse((at, _))| deadline < *at);
+            for ((queue, envelope, deliveries), token) in popped.into_iter().zip(first_token..) {
+                st.expiries.push(Reverse((deadline, token)));
+                st.leases.insert(
                     token,
                     Lease {
                         task_id: envelope.id,
                         deadline,
-                        queue: q.name.clone(),
+                        queue,
                         envelope,
                         deliveries,
                     },
                 );
             }
-            if !progressed {
-                break;
-            }
-        }
-        let wake = if out.is_empty() {
-            st.next_wake(&req.queues, now_u, now_i)
-        } else {
             st.compact_expiries();
-            None
+            woke_earlier
         };
-        drop(st);
         if woke_earlier {
             // A sleeping fetcher computed its wake-up from the old earliest
             // lease deadline; this lease expires sooner.
             self.wake();
         }
-        (out, wake)
+        (out, None)
     }
 }
 
@@ -814,12 +832,29 @@ impl Broker for InMemoryBroker {
     }
 
     async fn ack(&self, receipt: &Receipt) -> Result<(), BrokerError> {
-        self.core.lock().ack(receipt)
+        let lease = self.core.lock().ack(receipt)?;
+        drop(lease);
+        Ok(())
     }
 
     async fn ack_many(&self, receipts: &[Receipt]) -> Vec<Result<(), BrokerError>> {
-        let mut st = self.core.lock();
-        receipts.iter().map(|r| st.ack(r)).collect()
+        let mut out = Vec::with_capacity(receipts.len());
+        let mut done = Vec::with_capacity(receipts.len());
+        {
+            let mut st = self.core.lock();
+            for r in receipts {
+                match st.ack(r) {
+                    Ok(lease) => {
+                        done.push(lease);
+                        out.push(Ok(()));
+                    }
+                    Err(e) => out.push(Err(e)),
+                }
+            }
+        }
+        // The envelopes are freed after the lock is released.
+        drop(done);
+        out
     }
 
     async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<(), BrokerError> {
