@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{ResultBackend, TaskRecord, TaskState};
-use crate::broker::{Broker, Receipt};
+use crate::broker::{Broker, Delivery, Receipt};
 use crate::client::Stem;
 use crate::envelope::{Envelope, TaskId};
 use crate::error::{BackendError, BrokerError};
@@ -194,9 +194,18 @@ impl Context {
         Self::with_shared(envelope, receipt, delivery_count, shared)
     }
 
-    /// A context whose worker-wide parts are shared (the worker's path:
-    /// one allocation per delivery).
-    pub(crate) fn with_shared(
+    /// A delivery's context whose worker-wide parts are shared (the
+    /// worker's path: one allocation per delivery, no copies).
+    pub(crate) fn for_delivery(delivery: Delivery, shared: &Arc<ContextShared>) -> Self {
+        let Delivery {
+            envelope,
+            receipt,
+            delivery_count,
+        } = delivery;
+        Self::with_shared(envelope, receipt, delivery_count, Arc::clone(shared))
+    }
+
+    fn with_shared(
         envelope: Envelope,
         receipt: Receipt,
         delivery_count: u32,
@@ -222,13 +231,22 @@ impl Context {
         &self.inner.receipt
     }
 
-    /// The envelope and receipt back: moved out when this is the last
-    /// handle on the context (the usual case once a task finished),
-    /// cloned otherwise (a task kept a clone of its context somewhere).
-    pub(crate) fn into_delivery(self) -> (Envelope, Receipt) {
-        match Arc::try_unwrap(self.inner) {
-            Ok(inner) => (inner.envelope, inner.receipt),
-            Err(shared) => (shared.envelope.clone(), shared.receipt.clone()),
+    /// The receipt, to settle the delivery with: moved out when this is
+    /// the last handle on the context (the usual case once a task
+    /// finished; the context keeps a copy without its strings), cloned
+    /// otherwise (the task kept a clone of its context somewhere).
+    pub(crate) fn take_receipt(&mut self) -> Receipt {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => {
+                let stub = Receipt {
+                    task_id: inner.receipt.task_id,
+                    queue: String::new(),
+                    token: inner.receipt.token,
+                    tag: String::new(),
+                };
+                std::mem::replace(&mut inner.receipt, stub)
+            }
+            None => self.inner.receipt.clone(),
         }
     }
 

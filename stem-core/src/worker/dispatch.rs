@@ -19,12 +19,14 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::Notify;
 
-use crate::broker::Delivery;
+use crate::context::Context;
 
 pub(crate) struct Dispatch {
-    queue: Mutex<VecDeque<Delivery>>,
+    queue: Mutex<VecDeque<Context>>,
     /// Slots wait here for work.
     work: Notify,
+    /// Slots woken for work that have not looked at the queue yet.
+    searching: AtomicUsize,
     /// Deliveries handed over and not finished.
     in_flight: AtomicUsize,
     /// The fetcher waits here for free slots.
@@ -43,6 +45,7 @@ impl Dispatch {
         Self {
             queue: Mutex::new(VecDeque::with_capacity(concurrency)),
             work: Notify::new(),
+            searching: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             freed: Notify::new(),
             closed: AtomicBool::new(false),
@@ -52,7 +55,7 @@ impl Dispatch {
         }
     }
 
-    fn queue(&self) -> MutexGuard<'_, VecDeque<Delivery>> {
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Context>> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -78,38 +81,70 @@ impl Dispatch {
         self.freed.notified().await;
     }
 
-    /// Hands `deliveries` to the slots. The caller claimed no more than
+    /// Hands `tasks` to the slots. The caller claimed no more than
     /// [`Dispatch::free`] said.
-    pub(crate) fn push(&self, deliveries: impl ExactSizeIterator<Item = Delivery>) {
-        let n = deliveries.len();
+    pub(crate) fn push(&self, tasks: impl ExactSizeIterator<Item = Context>) {
+        let n = tasks.len();
         if n == 0 {
             return;
         }
         self.in_flight.fetch_add(n, Ordering::AcqRel);
-        self.queue().extend(deliveries);
-        for _ in 0..n {
+        self.queue().extend(tasks);
+        self.wake_one();
+    }
+
+    /// Wakes a slot unless one is already on its way to the queue.
+    fn wake_one(&self) {
+        if self.searching.load(Ordering::Acquire) == 0 {
+            self.searching.fetch_add(1, Ordering::AcqRel);
             self.work.notify_one();
         }
     }
 
-    /// The next delivery for a slot; `None` once closed and drained.
-    pub(crate) async fn next(&self) -> Option<Delivery> {
+    /// A woken slot reached the queue.
+    fn searched(&self) {
+        let _ = self
+            .searching
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Pops a task; wakes the next slot when more are queued.
+    fn pop(&self) -> Option<Context> {
+        let (task, more) = {
+            let mut q = self.queue();
+            let task = q.pop_front();
+            (task, !q.is_empty())
+        };
+        if task.is_some() && more {
+            self.wake_one();
+        }
+        task
+    }
+
+    /// The next task for a slot; `None` once closed and drained.
+    pub(crate) async fn next(&self) -> Option<Context> {
         loop {
-            if let Some(d) = self.queue().pop_front() {
-                return Some(d);
+            if let Some(task) = self.pop() {
+                return Some(task);
             }
             let notified = self.work.notified();
             tokio::pin!(notified);
-            notified.as_mut().enable();
+            if notified.as_mut().enable() {
+                // A wake-up was waiting for whoever came next: this slot.
+                self.searched();
+                continue;
+            }
             // Re-check after registering, so a push or close in between is
-            // not missed.
-            if let Some(d) = self.queue().pop_front() {
-                return Some(d);
+            // not missed. (A wake-up that reaches the registration meanwhile
+            // is passed on to another slot when it is dropped.)
+            if let Some(task) = self.pop() {
+                return Some(task);
             }
             if self.closed.load(Ordering::Acquire) {
                 return None;
             }
             notified.await;
+            self.searched();
         }
     }
 

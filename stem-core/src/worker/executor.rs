@@ -16,7 +16,7 @@ use tracing::Instrument;
 use super::Runtime;
 use super::completer::{Completion, Settle};
 use crate::backend::{FailureKind, TaskFailure, TaskRecord, TaskState};
-use crate::broker::{DeadLetterRequest, Delivery, Nack, Receipt};
+use crate::broker::{DeadLetterRequest, Nack, Receipt};
 use crate::context::Context;
 use crate::envelope::Envelope;
 use crate::error::BrokerError;
@@ -38,33 +38,30 @@ enum Outcome {
 /// One executor slot: runs the deliveries the fetcher hands over, one at
 /// a time. Ends when the fetcher is gone and nothing is left to run.
 pub(crate) async fn slot(rt: Arc<Runtime>) {
-    while let Some(delivery) = rt.dispatch.next().await {
+    while let Some(mut ctx) = rt.dispatch.next().await {
         if rt.dispatch.is_aborted() {
-            super::fetcher::requeue(&rt, vec![delivery]);
+            super::fetcher::requeue_one(&rt, ctx.take_receipt());
         } else {
-            execute(&rt, delivery).await;
+            execute(&rt, ctx).await;
         }
         rt.dispatch.finished();
     }
 }
 
-async fn execute(rt: &Runtime, delivery: Delivery) {
+async fn execute(rt: &Runtime, ctx: Context) {
+    let envelope = ctx.envelope();
     let span = tracing::info_span!(
         "stem.task",
-        task.name = %delivery.envelope.name,
-        task.id = %delivery.envelope.id,
-        task.attempt = delivery.envelope.attempt + 1,
-        task.queue = %delivery.envelope.queue,
+        task.name = %envelope.name,
+        task.id = %envelope.id,
+        task.attempt = envelope.attempt + 1,
+        task.queue = %envelope.queue,
     );
-    run_delivery(rt, delivery).instrument(span).await;
+    run_delivery(rt, ctx).instrument(span).await;
 }
 
-async fn run_delivery(rt: &Runtime, delivery: Delivery) {
-    let Delivery {
-        envelope,
-        receipt,
-        delivery_count,
-    } = delivery;
+async fn run_delivery(rt: &Runtime, mut ctx: Context) {
+    let envelope = ctx.envelope();
     // The clock is read only when something needs it: an expiry to check
     // or records to write (`started_at` goes nowhere without a backend).
     let started_at = if rt.backend.is_some() || envelope.expires_at.is_some() {
@@ -86,13 +83,19 @@ async fn run_delivery(rt: &Runtime, delivery: Delivery) {
             };
             record(
                 rt,
-                &envelope,
+                envelope,
                 envelope.attempt,
                 started_at,
                 TaskState::Failed { error: failure },
             )
         });
-        complete(rt, Some(receipt), Settle::Ack, record, &envelope);
+        complete(
+            rt,
+            Some(ctx.take_receipt()),
+            Settle::Ack,
+            record,
+            ctx.envelope(),
+        );
         return;
     }
     let Some(entry) = rt.tasks.get(envelope.name.as_str()).copied() else {
@@ -103,8 +106,8 @@ async fn run_delivery(rt: &Runtime, delivery: Delivery) {
         tracing::error!(%reason, "dead-lettering task");
         dead_letter_now(
             rt,
-            receipt,
-            &envelope,
+            ctx.take_receipt(),
+            ctx.envelope(),
             started_at,
             reason,
             None,
@@ -115,27 +118,21 @@ async fn run_delivery(rt: &Runtime, delivery: Delivery) {
     };
     if let Some(wait) = rt.rates.acquire(entry.name) {
         tracing::debug!(?wait, "rate limited; requeued");
-        let _ = rt
-            .completions
-            .send(Completion::settle(receipt, Settle::nack(Nack::after(wait))));
+        let _ = rt.completions.send(Completion::settle(
+            ctx.take_receipt(),
+            Settle::nack(Nack::after(wait)),
+        ));
         return;
     }
-    let ctx = Context::with_shared(
-        envelope,
-        receipt,
-        delivery_count,
-        Arc::clone(&rt.ctx_shared),
-    );
-    let future = match (entry.handler)(ctx.clone(), &ctx.envelope().args) {
+    let future = match (entry.handler)(ctx.clone(), &envelope.args) {
         Ok(f) => f,
         Err(e) => {
-            let (envelope, receipt) = ctx.into_delivery();
             let reason = format!("undecodable arguments for task `{}`: {e}", envelope.name);
             tracing::error!(%reason, "dead-lettering task");
             dead_letter_now(
                 rt,
-                receipt,
-                &envelope,
+                ctx.take_receipt(),
+                ctx.envelope(),
                 started_at,
                 reason,
                 Some(e.to_string()),
@@ -150,12 +147,12 @@ async fn run_delivery(rt: &Runtime, delivery: Delivery) {
         tracing::warn!(error = %e, "at-most-once task could not be acked before running; not running it");
         return;
     }
-    let attempt = ctx.envelope().attempt + 1;
+    let attempt = envelope.attempt + 1;
     rt.counters.started.fetch_add(1, Ordering::Relaxed);
     if rt.backend.is_some() {
         let _ = rt.completions.send(Completion::record(record(
             rt,
-            ctx.envelope(),
+            envelope,
             attempt,
             started_at,
             TaskState::Started,
@@ -163,23 +160,27 @@ async fn run_delivery(rt: &Runtime, delivery: Delivery) {
     }
 
     let outcome = run_with_lease(rt, entry, ctx.receipt(), future, at_most_once).await;
-    // The handler's future is gone: the envelope and receipt come back
-    // without copies unless the task kept a clone of its context.
-    let (envelope, receipt) = ctx.into_delivery();
-    let settle_receipt = if at_most_once { None } else { Some(receipt) };
+    // The handler's future is gone: the receipt comes back without a copy
+    // unless the task kept a clone of its context.
+    let settle_receipt = if at_most_once {
+        None
+    } else {
+        Some(ctx.take_receipt())
+    };
+    let envelope = ctx.envelope();
     match outcome {
         Outcome::Finished(Ok(result)) => {
             rt.counters.succeeded.fetch_add(1, Ordering::Relaxed);
             let record = rt.backend.is_some().then(|| {
                 record(
                     rt,
-                    &envelope,
+                    envelope,
                     attempt,
                     started_at,
                     TaskState::Succeeded { result },
                 )
             });
-            complete(rt, settle_receipt, Settle::Ack, record, &envelope);
+            complete(rt, settle_receipt, Settle::Ack, record, envelope);
         }
         Outcome::Finished(Err(err)) => {
             fail(rt, settle_receipt, envelope, entry, started_at, err);
@@ -287,7 +288,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 fn fail(
     rt: &Runtime,
     receipt: Option<Receipt>,
-    envelope: Envelope,
+    envelope: &Envelope,
     entry: &TaskEntry,
     started_at: DateTime<Utc>,
     err: HandlerError,
@@ -301,13 +302,13 @@ fn fail(
         let record = rt.backend.is_some().then(|| {
             record(
                 rt,
-                &envelope,
+                envelope,
                 attempt,
                 started_at,
                 TaskState::Failed { error: failure },
             )
         });
-        complete(rt, None, Settle::Nothing, record, &envelope);
+        complete(rt, None, Settle::Nothing, record, envelope);
         return;
     }
     let retry_delay = match err.directive {
@@ -326,7 +327,7 @@ fn fail(
             let record = rt.backend.is_some().then(|| {
                 Box::new(record(
                     rt,
-                    &envelope,
+                    envelope,
                     attempt,
                     started_at,
                     TaskState::Retrying {
@@ -335,7 +336,7 @@ fn fail(
                     },
                 ))
             });
-            let mut next = envelope;
+            let mut next = envelope.clone();
             next.attempt = attempt;
             next.last_error = Some(last_error);
             let _ = rt.completions.send(Completion {
@@ -361,13 +362,13 @@ fn fail(
             let record = rt.backend.is_some().then(|| {
                 Box::new(record(
                     rt,
-                    &envelope,
+                    envelope,
                     attempt,
                     started_at,
                     TaskState::Failed { error: failure },
                 ))
             });
-            let mut last = envelope;
+            let mut last = envelope.clone();
             last.attempt = attempt;
             last.last_error = Some(error_text.clone());
             let _ = rt.completions.send(Completion {

@@ -12,7 +12,8 @@ use chrono::Utc;
 use super::Runtime;
 use super::completer::{Completion, Settle};
 use crate::backend::{TaskRecord, TaskState};
-use crate::broker::{Delivery, FetchRequest, Nack};
+use crate::broker::{Delivery, FetchRequest, Nack, Receipt};
+use crate::context::Context;
 
 pub(crate) async fn run(rt: Arc<Runtime>) {
     fetch_loop(&rt).await;
@@ -106,21 +107,30 @@ async fn fetch_loop(rt: &Runtime) {
             }
             deliveries = run;
         }
-        dispatch.push(deliveries.into_iter());
+        dispatch.push(
+            deliveries
+                .into_iter()
+                .map(|d| Context::for_delivery(d, &rt.ctx_shared)),
+        );
     }
 }
 
 /// Longest the fetcher waits for more free slots before claiming.
 const GATHER: Duration = Duration::from_millis(2);
 
-pub(crate) fn requeue(rt: &Runtime, deliveries: Vec<Delivery>) {
+fn requeue(rt: &Runtime, deliveries: Vec<Delivery>) {
     for d in deliveries {
-        rt.counters.requeued.fetch_add(1, Ordering::Relaxed);
-        let _ = rt.completions.send(Completion::settle(
-            d.receipt,
-            Settle::nack(Nack::after(Duration::ZERO)),
-        ));
+        requeue_one(rt, d.receipt);
     }
+}
+
+/// Puts a delivery back without charging an attempt (shutdown).
+pub(crate) fn requeue_one(rt: &Runtime, receipt: Receipt) {
+    rt.counters.requeued.fetch_add(1, Ordering::Relaxed);
+    let _ = rt.completions.send(Completion::settle(
+        receipt,
+        Settle::nack(Nack::after(Duration::ZERO)),
+    ));
 }
 
 async fn revoked_flags(rt: &Runtime, deliveries: &[Delivery]) -> Vec<bool> {
