@@ -105,6 +105,16 @@ mod v7 {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        at_ms(now_ms)
+    }
+
+    /// An id for a clock reading the caller already has (unix ms; a
+    /// reading before 1970 counts as 0).
+    pub(super) fn at(unix_ms: i64) -> Uuid {
+        at_ms(u64::try_from(unix_ms).unwrap_or(0))
+    }
+
+    fn at_ms(now_ms: u64) -> Uuid {
         let tail: u32 = rand::random();
         let seed: u64 = rand::random::<u64>() & RESEED_MASK;
         let (ms, counter) = {
@@ -278,18 +288,27 @@ impl Envelope {
         queue: impl Into<String>,
         args: Box<RawValue>,
     ) -> Result<Self, EnvelopeError> {
-        let env = Self {
+        let env = Self::unchecked(name.into(), queue.into(), args);
+        env.validate()?;
+        Ok(env)
+    }
+
+    /// A new envelope with defaults, not validated yet. The id and
+    /// `enqueued_at` come from one reading of the clock.
+    pub(crate) fn unchecked(name: String, queue: String, args: Box<RawValue>) -> Self {
+        let enqueued_at = Utc::now();
+        Self {
             v: ENVELOPE_VERSION,
-            id: TaskId::new(),
-            name: name.into(),
-            queue: queue.into(),
+            id: TaskId(v7::at(enqueued_at.timestamp_millis())),
+            name,
+            queue,
             priority: 0,
             args,
             attempt: 0,
             max_retries: 0,
             not_before: None,
             expires_at: None,
-            enqueued_at: Utc::now(),
+            enqueued_at,
             headers: BTreeMap::new(),
             parent_id: None,
             group_id: None,
@@ -297,9 +316,7 @@ impl Envelope {
             unique: None,
             result_ttl_secs: None,
             last_error: None,
-        };
-        env.validate()?;
-        Ok(env)
+        }
     }
 
     /// Checks the fields a broker relies on.
