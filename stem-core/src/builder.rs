@@ -241,7 +241,8 @@ pub fn build_envelope(
     args: Box<RawValue>,
 ) -> Result<Envelope, EnvelopeError> {
     let queue = options.queue.as_deref().unwrap_or(declared.queue);
-    let mut env = Envelope::from_raw(name, queue, args)?;
+    // Validated once, below, with every field set.
+    let mut env = Envelope::unchecked(name.to_owned(), queue.to_owned(), args);
     env.priority = options.priority.unwrap_or(declared.priority);
     env.max_retries = options.retries.unwrap_or(declared.retries);
     let now = env.enqueued_at;
@@ -252,7 +253,9 @@ pub fn build_envelope(
     };
     env.not_before = not_before.filter(|t| *t > now);
     env.expires_at = options.expires_in.map(|d| now + to_chrono(d));
-    env.headers.clone_from(&options.headers);
+    if !options.headers.is_empty() {
+        env.headers.clone_from(&options.headers);
+    }
     env.parent_id = options.parent_id;
     env.result_ttl_secs = options.result_ttl.map(|d| d.as_secs().max(1));
     if let Some(window) = options.unique_for {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{ResultBackend, TaskRecord, TaskState};
-use crate::broker::{Broker, Receipt};
+use crate::broker::{Broker, Delivery, Receipt};
 use crate::client::Stem;
 use crate::envelope::{Envelope, TaskId};
 use crate::error::{BackendError, BrokerError};
@@ -49,7 +49,34 @@ impl<T: ?Sized> Deref for State<T> {
 /// The values a worker shares with its tasks, keyed by type.
 #[derive(Default, Clone)]
 pub struct StateMap {
-    values: HashMap<TypeId, (Arc<dyn Any + Send + Sync>, &'static str)>,
+    values: HashMap<TypeId, (Arc<dyn Any + Send + Sync>, &'static str), TypeIdHasher>,
+}
+
+/// Hashes a `TypeId`, which is already a hash: taken as it is instead of
+/// running `SipHash` over it on every state lookup (one per task run).
+#[derive(Clone, Copy, Default)]
+struct TypeIdHasher(u64);
+
+impl std::hash::BuildHasher for TypeIdHasher {
+    type Hasher = Self;
+    fn build_hasher(&self) -> Self {
+        Self(0)
+    }
+}
+
+impl std::hash::Hasher for TypeIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // FNV-1a over whatever `TypeId` writes beyond one `u64`.
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 ^= n;
+    }
 }
 
 impl StateMap {
@@ -97,23 +124,25 @@ pub struct Context {
     inner: Arc<ContextInner>,
 }
 
+/// One delivery's own part of a context; what every task of a worker
+/// shares lives behind `shared`, so a worker builds a context with one
+/// allocation and no copies of the envelope.
 struct ContextInner {
-    id: TaskId,
-    name: String,
-    queue: String,
-    attempt: u32,
-    max_retries: u32,
-    headers: BTreeMap<String, String>,
-    parent_id: Option<TaskId>,
-    group_id: Option<TaskId>,
-    delivery_count: u32,
+    envelope: Envelope,
     receipt: Receipt,
-    broker: Arc<dyn Broker>,
-    backend: Option<Arc<dyn ResultBackend>>,
-    client: Option<Stem>,
-    states: Arc<StateMap>,
-    cancel: CancellationToken,
-    worker_id: String,
+    delivery_count: u32,
+    shared: Arc<ContextShared>,
+}
+
+/// The part of a [`Context`] every task of one worker shares.
+pub(crate) struct ContextShared {
+    pub(crate) broker: Arc<dyn Broker>,
+    pub(crate) backend: Option<Arc<dyn ResultBackend>>,
+    pub(crate) client: Option<Stem>,
+    pub(crate) states: Arc<StateMap>,
+    /// Fired when the shutdown grace ends.
+    pub(crate) cancel: CancellationToken,
+    pub(crate) worker_id: Arc<str>,
 }
 
 /// Everything a worker hands to [`Context::new`].
@@ -154,56 +183,101 @@ impl Context {
             cancel,
             worker_id,
         } = parts;
+        let shared = Arc::new(ContextShared {
+            broker,
+            backend,
+            client,
+            states,
+            cancel,
+            worker_id: Arc::from(worker_id),
+        });
+        Self::with_shared(envelope, receipt, delivery_count, shared)
+    }
+
+    /// A delivery's context whose worker-wide parts are shared (the
+    /// worker's path: one allocation per delivery, no copies).
+    pub(crate) fn for_delivery(delivery: Delivery, shared: &Arc<ContextShared>) -> Self {
+        let Delivery {
+            envelope,
+            receipt,
+            delivery_count,
+        } = delivery;
+        Self::with_shared(envelope, receipt, delivery_count, Arc::clone(shared))
+    }
+
+    fn with_shared(
+        envelope: Envelope,
+        receipt: Receipt,
+        delivery_count: u32,
+        shared: Arc<ContextShared>,
+    ) -> Self {
         Self {
             inner: Arc::new(ContextInner {
-                id: envelope.id,
-                name: envelope.name,
-                queue: envelope.queue,
-                attempt: envelope.attempt + 1,
-                max_retries: envelope.max_retries,
-                headers: envelope.headers,
-                parent_id: envelope.parent_id,
-                group_id: envelope.group_id,
-                delivery_count,
+                envelope,
                 receipt,
-                broker,
-                backend,
-                client,
-                states,
-                cancel,
-                worker_id,
+                delivery_count,
+                shared,
             }),
+        }
+    }
+
+    /// The delivered envelope.
+    pub(crate) fn envelope(&self) -> &Envelope {
+        &self.inner.envelope
+    }
+
+    /// The delivery's lease.
+    pub(crate) fn receipt(&self) -> &Receipt {
+        &self.inner.receipt
+    }
+
+    /// The receipt, to settle the delivery with: moved out when this is
+    /// the last handle on the context (the usual case once a task
+    /// finished; the context keeps a copy without its strings), cloned
+    /// otherwise (the task kept a clone of its context somewhere).
+    pub(crate) fn take_receipt(&mut self) -> Receipt {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => {
+                let stub = Receipt {
+                    task_id: inner.receipt.task_id,
+                    queue: String::new(),
+                    token: inner.receipt.token,
+                    tag: String::new(),
+                };
+                std::mem::replace(&mut inner.receipt, stub)
+            }
+            None => self.inner.receipt.clone(),
         }
     }
 
     /// The task id.
     #[must_use]
     pub fn id(&self) -> TaskId {
-        self.inner.id
+        self.inner.envelope.id
     }
 
     /// The task name.
     #[must_use]
     pub fn name(&self) -> &str {
-        &self.inner.name
+        &self.inner.envelope.name
     }
 
     /// The queue it was delivered from.
     #[must_use]
     pub fn queue(&self) -> &str {
-        &self.inner.queue
+        &self.inner.envelope.queue
     }
 
     /// This attempt's number, starting at 1.
     #[must_use]
     pub fn attempt(&self) -> u32 {
-        self.inner.attempt
+        self.inner.envelope.attempt + 1
     }
 
     /// Retries allowed after the first attempt.
     #[must_use]
     pub fn max_retries(&self) -> u32 {
-        self.inner.max_retries
+        self.inner.envelope.max_retries
     }
 
     /// How many times the broker has delivered this envelope.
@@ -215,55 +289,55 @@ impl Context {
     /// All headers.
     #[must_use]
     pub fn headers(&self) -> &BTreeMap<String, String> {
-        &self.inner.headers
+        &self.inner.envelope.headers
     }
 
     /// One header.
     #[must_use]
     pub fn header(&self, key: &str) -> Option<&str> {
-        self.inner.headers.get(key).map(String::as_str)
+        self.inner.envelope.headers.get(key).map(String::as_str)
     }
 
     /// The task that enqueued this one.
     #[must_use]
     pub fn parent_id(&self) -> Option<TaskId> {
-        self.inner.parent_id
+        self.inner.envelope.parent_id
     }
 
     /// The group this task belongs to.
     #[must_use]
     pub fn group_id(&self) -> Option<TaskId> {
-        self.inner.group_id
+        self.inner.envelope.group_id
     }
 
     /// The worker running it.
     #[must_use]
     pub fn worker_id(&self) -> &str {
-        &self.inner.worker_id
+        &self.inner.shared.worker_id
     }
 
     /// The shared value of type `T`, if the worker has one.
     #[must_use]
     pub fn state<T: Send + Sync + 'static>(&self) -> Option<State<T>> {
-        self.inner.states.get::<T>()
+        self.inner.shared.states.get::<T>()
     }
 
     /// A client for enqueueing child tasks (their `parent_id` is set when
     /// enqueued with `.parent(&ctx)`).
     #[must_use]
     pub fn client(&self) -> Option<&Stem> {
-        self.inner.client.as_ref()
+        self.inner.shared.client.as_ref()
     }
 
     /// Whether the task was asked to stop (revoked, or shutdown grace over).
     #[must_use]
     pub fn is_cancelled(&self) -> bool {
-        self.inner.cancel.is_cancelled()
+        self.inner.shared.cancel.is_cancelled()
     }
 
     /// Resolves when the task is asked to stop.
     pub async fn cancelled(&self) {
-        self.inner.cancel.cancelled().await;
+        self.inner.shared.cancel.cancelled().await;
     }
 
     /// Pushes this delivery's lease to now + `lease`. The worker already
@@ -273,6 +347,7 @@ impl Context {
     /// [`BrokerError::LeaseLost`] when the lease already expired.
     pub async fn extend_lease(&self, lease: Duration) -> Result<(), BrokerError> {
         self.inner
+            .shared
             .broker
             .extend_lease(&self.inner.receipt, lease)
             .await
@@ -283,14 +358,14 @@ impl Context {
     /// # Errors
     /// A backend error; `Ok(())` when there is no backend.
     pub async fn progress(&self, progress: serde_json::Value) -> Result<(), BackendError> {
-        let Some(backend) = &self.inner.backend else {
+        let Some(backend) = &self.inner.shared.backend else {
             return Ok(());
         };
-        let mut rec = TaskRecord::new(self.inner.id, TaskState::Started);
-        rec.name = Some(self.inner.name.clone());
-        rec.attempts = self.inner.attempt;
-        rec.worker_id = Some(self.inner.worker_id.clone());
-        rec.group_id = self.inner.group_id;
+        let mut rec = TaskRecord::new(self.id(), TaskState::Started);
+        rec.name = Some(self.inner.envelope.name.clone());
+        rec.attempts = self.attempt();
+        rec.worker_id = Some(self.worker_id().to_owned());
+        rec.group_id = self.group_id();
         rec.progress = Some(progress);
         backend.store(rec).await.map(|_| ())
     }
@@ -299,9 +374,9 @@ impl Context {
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
-            .field("id", &self.inner.id)
-            .field("name", &self.inner.name)
-            .field("attempt", &self.inner.attempt)
+            .field("id", &self.id())
+            .field("name", &self.name())
+            .field("attempt", &self.attempt())
             .finish_non_exhaustive()
     }
 }

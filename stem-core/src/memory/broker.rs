@@ -7,7 +7,9 @@
 //! delayed envelope or lease deadline, never polling.
 
 use std::cmp::{Ordering as CmpOrdering, Reverse};
+use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -289,11 +291,65 @@ struct UniqueHold {
     until: DateTime<Utc>,
 }
 
+/// The `FxHash` function (rustc's): a multiply and a rotate per word.
+/// The maps below are keyed by queue names and sequential lease tokens,
+/// which no outsider chooses, so `SipHash`'s flood resistance buys nothing
+/// here and its cost showed in profiles (a few lookups per task).
+#[derive(Clone, Copy, Default)]
+struct FxBuild;
+
+#[derive(Default)]
+struct FxHasher(u64);
+
+const FX_SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl FxHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(FX_SEED);
+    }
+}
+
+impl BuildHasher for FxBuild {
+    type Hasher = FxHasher;
+    fn build_hasher(&self) -> FxHasher {
+        FxHasher(0)
+    }
+}
+
+impl Hasher for FxHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(w));
+        }
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+}
+
 #[derive(Default)]
 struct State {
-    queues: HashMap<Arc<str>, Queue>,
+    queues: HashMap<Arc<str>, Queue, FxBuild>,
     /// Live leases by fencing token.
-    leases: HashMap<u64, Lease>,
+    leases: HashMap<u64, Lease, FxBuild>,
     /// Lease deadlines, earliest first; entries whose lease was acked or
     /// extended are skipped when popped.
     expiries: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -331,12 +387,11 @@ impl State {
         let seq = self.next_seq;
         self.next_seq += 1;
         let priority = env.priority;
-        let queue_name = env.queue.clone();
+        let q = self.queue_mut(&env.queue);
         let entry = Entry {
             payload: Payload::Envelope(env),
             deliveries,
         };
-        let q = self.queue_mut(&queue_name);
         match at {
             Some(at) => q.delayed.push(Reverse(Delayed { at, seq, entry })),
             None => q.push_ready(priority, entry, false),
@@ -423,30 +478,42 @@ impl State {
         }
     }
 
+    /// Drops the deadlines of leases that were acked or extended since:
+    /// they are skipped when popped anyway, but a busy queue would pile up
+    /// one per delivery until their lease time (30 s by default), a
+    /// million for a fast worker.
+    fn compact_expiries(&mut self) {
+        if self.expiries.len() > 2 * self.leases.len() + 1024 {
+            self.expiries = self
+                .leases
+                .iter()
+                .map(|(token, l)| Reverse((l.deadline, *token)))
+                .collect();
+        }
+    }
+
     /// Removes the lease behind `receipt`, or says it is lost (B4).
     fn take_lease(&mut self, receipt: &Receipt) -> Result<Lease, BrokerError> {
-        match self.leases.get(&receipt.token) {
-            Some(l) if l.task_id == receipt.task_id => {}
+        let lease = match self.leases.entry(receipt.token) {
+            MapEntry::Occupied(l) if l.get().task_id == receipt.task_id => l.remove(),
             _ => {
                 return Err(BrokerError::LeaseLost {
                     task_id: receipt.task_id,
                 });
             }
-        }
-        let lease = self
-            .leases
-            .remove(&receipt.token)
-            .unwrap_or_else(|| unreachable!("checked above"));
+        };
         if let Some(q) = self.queues.get_mut(&*lease.queue) {
             q.leased = q.leased.saturating_sub(1);
         }
         Ok(lease)
     }
 
-    fn ack(&mut self, receipt: &Receipt) -> Result<(), BrokerError> {
+    /// Acks `receipt`; the lease comes back so the caller can drop it
+    /// (and free its envelope) after letting go of the lock.
+    fn ack(&mut self, receipt: &Receipt) -> Result<Lease, BrokerError> {
         let lease = self.take_lease(receipt)?;
         self.release_unique(&lease.envelope, false);
-        Ok(())
+        Ok(lease)
     }
 
     /// The earliest time something may become deliverable in `queues`.
@@ -527,110 +594,127 @@ impl Core {
 
     /// One pass of a fetch: leases what is ready now. Also returns when
     /// something may become ready, for a fetcher that has to wait.
+    ///
+    /// The lock is taken twice, briefly: once to pop the ready entries
+    /// (counted as leased from then on) and once to record their leases.
+    /// Copying each envelope for its delivery, the allocations of the
+    /// receipts and the `Vec` happen in between, outside the lock, so acks
+    /// and publishes from other threads are not held up by them. Nothing
+    /// else can see the popped entries in between: their tokens are not
+    /// out yet.
     fn take(&self, req: &FetchRequest) -> (Vec<Delivery>, Option<Instant>) {
         let now_i = Instant::now();
         let now_u = Utc::now();
-        let mut st = self.lock();
-        st.rescue(now_i);
-        let n = req.queues.len();
-        let start = st.rotation % n;
-        st.rotation = st.rotation.wrapping_add(1);
-        let State {
-            queues,
-            leases,
-            expiries,
-            next_token,
-            ..
-        } = &mut *st;
-        for name in &req.queues {
-            if let Some(q) = queues.get_mut(name.as_str()) {
-                q.promote(now_u);
+        let mut popped: Vec<(Arc<str>, Envelope, u32)> = Vec::new();
+        let first_token = {
+            let mut st = self.lock();
+            st.rescue(now_i);
+            let n = req.queues.len();
+            let start = st.rotation % n;
+            st.rotation = st.rotation.wrapping_add(1);
+            let queues = &mut st.queues;
+            for name in &req.queues {
+                if let Some(q) = queues.get_mut(name.as_str()) {
+                    q.promote(now_u);
+                }
             }
-        }
-        let mut out = Vec::with_capacity(req.max.min(1024));
+            'rounds: loop {
+                let mut progressed = false;
+                for i in 0..n {
+                    if popped.len() >= req.max {
+                        break 'rounds;
+                    }
+                    let Some(q) = queues.get_mut(req.queues[(start + i) % n].as_str()) else {
+                        continue;
+                    };
+                    let Some(entry) = q.pop_ready() else {
+                        continue;
+                    };
+                    progressed = true;
+                    let envelope = match entry.payload {
+                        Payload::Envelope(e) => e,
+                        Payload::Raw(bytes) => match Envelope::decode(&bytes) {
+                            Ok(e) => e,
+                            Err(err) => {
+                                let reason = format!("undecodable envelope: {err}");
+                                tracing::warn!(queue = %q.name, %reason, "garbage in queue moved to dead letters");
+                                q.dead.push_back(DeadLetter {
+                                    id: TaskId::new(),
+                                    queue: q.name.to_string(),
+                                    reason,
+                                    error: None,
+                                    dead_at: now_u,
+                                    envelope: None,
+                                    raw: Some(String::from_utf8_lossy(&bytes).into_owned()),
+                                });
+                                continue;
+                            }
+                        },
+                    };
+                    if popped.capacity() == 0 {
+                        popped.reserve_exact(req.max.min(1024));
+                    }
+                    q.leased += 1;
+                    popped.push((
+                        Arc::clone(&q.name),
+                        envelope,
+                        entry.deliveries.saturating_add(1),
+                    ));
+                }
+                if !progressed {
+                    break;
+                }
+            }
+            if popped.is_empty() {
+                return (Vec::new(), st.next_wake(&req.queues, now_u, now_i));
+            }
+            let first = st.next_token;
+            st.next_token += popped.len() as u64;
+            first
+        };
+        let out: Vec<Delivery> = popped
+            .iter()
+            .zip(first_token..)
+            .map(|((queue, envelope, deliveries), token)| Delivery {
+                envelope: envelope.clone(),
+                receipt: Receipt {
+                    task_id: envelope.id,
+                    queue: queue.to_string(),
+                    token,
+                    tag: String::new(),
+                },
+                delivery_count: *deliveries,
+            })
+            .collect();
         let deadline = now_i + req.lease;
-        let mut woke_earlier = false;
-        'rounds: loop {
-            let mut progressed = false;
-            for i in 0..n {
-                if out.len() >= req.max {
-                    break 'rounds;
-                }
-                let Some(q) = queues.get_mut(req.queues[(start + i) % n].as_str()) else {
-                    continue;
-                };
-                let Some(entry) = q.pop_ready() else {
-                    continue;
-                };
-                progressed = true;
-                let envelope = match entry.payload {
-                    Payload::Envelope(e) => e,
-                    Payload::Raw(bytes) => match Envelope::decode(&bytes) {
-                        Ok(e) => e,
-                        Err(err) => {
-                            let reason = format!("undecodable envelope: {err}");
-                            tracing::warn!(queue = %q.name, %reason, "garbage in queue moved to dead letters");
-                            q.dead.push_back(DeadLetter {
-                                id: TaskId::new(),
-                                queue: q.name.to_string(),
-                                reason,
-                                error: None,
-                                dead_at: now_u,
-                                envelope: None,
-                                raw: Some(String::from_utf8_lossy(&bytes).into_owned()),
-                            });
-                            continue;
-                        }
-                    },
-                };
-                let token = *next_token;
-                *next_token += 1;
-                let deliveries = entry.deliveries.saturating_add(1);
-                if expiries
-                    .peek()
-                    .is_none_or(|Reverse((at, _))| deadline < *at)
-                {
-                    woke_earlier = true;
-                }
-                expiries.push(Reverse((deadline, token)));
-                q.leased += 1;
-                out.push(Delivery {
-                    envelope: envelope.clone(),
-                    receipt: Receipt {
-                        task_id: envelope.id,
-                        queue: q.name.to_string(),
-                        token,
-                        tag: String::new(),
-                    },
-                    delivery_count: deliveries,
-                });
-                leases.insert(
+        let woke_earlier = {
+            let mut st = self.lock();
+            let woke_earlier = st
+                .expiries
+                .peek()
+                .is_none_or(|Reverse((at, _))| deadline < *at);
+            for ((queue, envelope, deliveries), token) in popped.into_iter().zip(first_token..) {
+                st.expiries.push(Reverse((deadline, token)));
+                st.leases.insert(
                     token,
                     Lease {
                         task_id: envelope.id,
                         deadline,
-                        queue: q.name.clone(),
+                        queue,
                         envelope,
                         deliveries,
                     },
                 );
             }
-            if !progressed {
-                break;
-            }
-        }
-        let wake = if out.is_empty() {
-            st.next_wake(&req.queues, now_u, now_i)
-        } else {
-            None
+            st.compact_expiries();
+            woke_earlier
         };
-        drop(st);
         if woke_earlier {
             // A sleeping fetcher computed its wake-up from the old earliest
             // lease deadline; this lease expires sooner.
             self.wake();
         }
-        (out, wake)
+        (out, None)
     }
 }
 
@@ -748,12 +832,29 @@ impl Broker for InMemoryBroker {
     }
 
     async fn ack(&self, receipt: &Receipt) -> Result<(), BrokerError> {
-        self.core.lock().ack(receipt)
+        let lease = self.core.lock().ack(receipt)?;
+        drop(lease);
+        Ok(())
     }
 
     async fn ack_many(&self, receipts: &[Receipt]) -> Vec<Result<(), BrokerError>> {
-        let mut st = self.core.lock();
-        receipts.iter().map(|r| st.ack(r)).collect()
+        let mut out = Vec::with_capacity(receipts.len());
+        let mut done = Vec::with_capacity(receipts.len());
+        {
+            let mut st = self.core.lock();
+            for r in receipts {
+                match st.ack(r) {
+                    Ok(lease) => {
+                        done.push(lease);
+                        out.push(Ok(()));
+                    }
+                    Err(e) => out.push(Err(e)),
+                }
+            }
+        }
+        // The envelopes are freed after the lock is released.
+        drop(done);
+        out
     }
 
     async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<(), BrokerError> {
@@ -768,6 +869,7 @@ impl Broker for InMemoryBroker {
             }
         }
         st.expiries.push(Reverse((deadline, receipt.token)));
+        st.compact_expiries();
         Ok(())
     }
 

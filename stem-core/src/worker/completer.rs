@@ -19,7 +19,8 @@ use crate::envelope::TaskId;
 /// Most completions handled in one batch.
 const BATCH: usize = 512;
 
-/// What to do with a delivery.
+/// What to do with a delivery. The rare, large cases are boxed so the
+/// common one (an ack) moves through the channel as a few words.
 #[derive(Debug)]
 pub(crate) enum Settle {
     /// Nothing (the delivery was settled already, or lost).
@@ -27,9 +28,21 @@ pub(crate) enum Settle {
     /// Ack it.
     Ack,
     /// Requeue it.
-    Nack(Nack),
+    Nack(Box<Nack>),
     /// Dead-letter it.
-    DeadLetter(DeadLetterRequest),
+    DeadLetter(Box<DeadLetterRequest>),
+}
+
+impl Settle {
+    /// Requeue with `nack`.
+    pub(crate) fn nack(nack: Nack) -> Self {
+        Self::Nack(Box::new(nack))
+    }
+
+    /// Dead-letter with `request`.
+    pub(crate) fn dead_letter(request: DeadLetterRequest) -> Self {
+        Self::DeadLetter(Box::new(request))
+    }
 }
 
 /// One finished step of a delivery.
@@ -37,7 +50,8 @@ pub(crate) enum Settle {
 pub(crate) struct Completion {
     pub(crate) receipt: Option<Receipt>,
     pub(crate) settle: Settle,
-    pub(crate) record: Option<TaskRecord>,
+    /// Only when the worker has a result backend.
+    pub(crate) record: Option<Box<TaskRecord>>,
     pub(crate) group_id: Option<TaskId>,
 }
 
@@ -48,7 +62,17 @@ impl Completion {
             receipt: None,
             settle: Settle::Nothing,
             group_id: None,
-            record: Some(record),
+            record: Some(Box::new(record)),
+        }
+    }
+
+    /// Only a settle, no record.
+    pub(crate) fn settle(receipt: Receipt, settle: Settle) -> Self {
+        Self {
+            receipt: Some(receipt),
+            settle,
+            group_id: None,
+            record: None,
         }
     }
 }
@@ -88,7 +112,7 @@ async fn flush(rt: &CompleterParts, batch: &mut Vec<Completion>) {
             .enumerate()
             .filter_map(|(i, c)| {
                 c.record
-                    .as_ref()
+                    .as_deref()
                     .filter(|r| last.get(&r.id) == Some(&i))
                     .cloned()
             })
@@ -97,7 +121,7 @@ async fn flush(rt: &CompleterParts, batch: &mut Vec<Completion>) {
             store_with_retry(backend.as_ref(), records).await;
         }
     }
-    let mut acks = Vec::new();
+    let mut acks = Vec::with_capacity(batch.len());
     for c in batch.iter_mut() {
         let Some(receipt) = c.receipt.take() else {
             continue;
@@ -106,12 +130,12 @@ async fn flush(rt: &CompleterParts, batch: &mut Vec<Completion>) {
             Settle::Nothing => {}
             Settle::Ack => acks.push(receipt),
             Settle::Nack(nack) => {
-                if let Err(e) = rt.broker.nack(&receipt, nack).await {
+                if let Err(e) = rt.broker.nack(&receipt, *nack).await {
                     tracing::warn!(task_id = %receipt.task_id, error = %e, "could not requeue task; it will be re-delivered after its lease");
                 }
             }
             Settle::DeadLetter(req) => {
-                if let Err(e) = rt.broker.dead_letter(&receipt, req).await {
+                if let Err(e) = rt.broker.dead_letter(&receipt, *req).await {
                     tracing::warn!(task_id = %receipt.task_id, error = %e, "could not dead-letter task; it will be re-delivered after its lease");
                 } else {
                     rt.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);

@@ -1,22 +1,23 @@
-//! The executor: runs one delivery. Finds the task, decodes its arguments,
-//! keeps its lease alive, enforces its time limit, turns panics into
-//! failures, and decides between success, retry and dead letter.
+//! The executor: a fixed set of slots, each running one delivery at a
+//! time. For each delivery it finds the task, decodes its arguments, keeps
+//! its lease alive, enforces its time limit, turns panics into failures,
+//! and decides between success, retry and dead letter.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use super::Runtime;
 use super::completer::{Completion, Settle};
 use crate::backend::{FailureKind, TaskFailure, TaskRecord, TaskState};
-use crate::broker::{DeadLetterRequest, Delivery, Nack, Receipt};
-use crate::context::{Context, ContextParts};
+use crate::broker::{DeadLetterRequest, Nack, Receipt};
+use crate::context::Context;
 use crate::envelope::Envelope;
 use crate::error::BrokerError;
 use crate::registry::{HandlerError, HandlerResult, TaskEntry};
@@ -34,44 +35,67 @@ enum Outcome {
     LeaseLost,
 }
 
-pub(crate) async fn execute(rt: Arc<Runtime>, delivery: Delivery, permit: OwnedSemaphorePermit) {
-    let span = tracing::info_span!(
-        "stem.task",
-        task.name = %delivery.envelope.name,
-        task.id = %delivery.envelope.id,
-        task.attempt = delivery.envelope.attempt + 1,
-        task.queue = %delivery.envelope.queue,
-    );
-    run_delivery(&rt, delivery).instrument(span).await;
-    drop(permit);
+/// One executor slot: runs the deliveries the fetcher hands over, one at
+/// a time. Ends when the fetcher is gone and nothing is left to run.
+pub(crate) async fn slot(rt: Arc<Runtime>) {
+    while let Some(mut ctx) = rt.dispatch.next().await {
+        if rt.dispatch.is_aborted() {
+            super::fetcher::requeue_one(&rt, ctx.take_receipt());
+        } else {
+            execute(&rt, ctx).await;
+        }
+        rt.dispatch.finished();
+    }
 }
 
-async fn run_delivery(rt: &Arc<Runtime>, delivery: Delivery) {
-    let Delivery {
-        envelope,
-        receipt,
-        delivery_count,
-    } = delivery;
-    let started_at = Utc::now();
+async fn execute(rt: &Runtime, ctx: Context) {
+    let envelope = ctx.envelope();
+    let span = tracing::info_span!(
+        "stem.task",
+        task.name = %envelope.name,
+        task.id = %envelope.id,
+        task.attempt = envelope.attempt + 1,
+        task.queue = %envelope.queue,
+    );
+    run_delivery(rt, ctx).instrument(span).await;
+}
+
+async fn run_delivery(rt: &Runtime, mut ctx: Context) {
+    let envelope = ctx.envelope();
+    // The clock is read only when something needs it: an expiry to check
+    // or records to write (`started_at` goes nowhere without a backend).
+    let started_at = if rt.backend.is_some() || envelope.expires_at.is_some() {
+        Utc::now()
+    } else {
+        DateTime::UNIX_EPOCH
+    };
     if envelope.expires_at.is_some_and(|t| t <= started_at) {
         tracing::info!("task expired before it ran; dropped");
-        let failure = TaskFailure {
-            message: format!(
-                "expired at {} before a worker ran it",
-                envelope.expires_at.unwrap_or(started_at)
-            ),
-            type_name: String::from("stem::Expired"),
-            kind: FailureKind::Expired,
-        };
         rt.counters.failed.fetch_add(1, Ordering::Relaxed);
-        let record = record(
+        let record = rt.backend.is_some().then(|| {
+            let failure = TaskFailure {
+                message: format!(
+                    "expired at {} before a worker ran it",
+                    envelope.expires_at.unwrap_or(started_at)
+                ),
+                type_name: String::from("stem::Expired"),
+                kind: FailureKind::Expired,
+            };
+            record(
+                rt,
+                envelope,
+                envelope.attempt,
+                started_at,
+                TaskState::Failed { error: failure },
+            )
+        });
+        complete(
             rt,
-            &envelope,
-            envelope.attempt,
-            started_at,
-            TaskState::Failed { error: failure },
+            Some(ctx.take_receipt()),
+            Settle::Ack,
+            record,
+            ctx.envelope(),
         );
-        complete(rt, Some(receipt), Settle::Ack, record, &envelope);
         return;
     }
     let Some(entry) = rt.tasks.get(envelope.name.as_str()).copied() else {
@@ -82,8 +106,8 @@ async fn run_delivery(rt: &Arc<Runtime>, delivery: Delivery) {
         tracing::error!(%reason, "dead-lettering task");
         dead_letter_now(
             rt,
-            receipt,
-            envelope,
+            ctx.take_receipt(),
+            ctx.envelope(),
             started_at,
             reason,
             None,
@@ -94,35 +118,21 @@ async fn run_delivery(rt: &Arc<Runtime>, delivery: Delivery) {
     };
     if let Some(wait) = rt.rates.acquire(entry.name) {
         tracing::debug!(?wait, "rate limited; requeued");
-        let _ = rt.completions.send(Completion {
-            receipt: Some(receipt),
-            settle: Settle::Nack(Nack::after(wait)),
-            record: None,
-            group_id: None,
-        });
+        let _ = rt.completions.send(Completion::settle(
+            ctx.take_receipt(),
+            Settle::nack(Nack::after(wait)),
+        ));
         return;
     }
-    let cancel = rt.abort.child_token();
-    let ctx = Context::new(ContextParts {
-        envelope: envelope.clone(),
-        receipt: receipt.clone(),
-        delivery_count,
-        broker: Arc::clone(&rt.broker),
-        backend: rt.backend.clone(),
-        client: Some(rt.client.clone()),
-        states: Arc::clone(&rt.states),
-        cancel: cancel.clone(),
-        worker_id: rt.config.worker_id.clone(),
-    });
-    let future = match (entry.handler)(ctx, &envelope.args) {
+    let future = match (entry.handler)(ctx.clone(), &envelope.args) {
         Ok(f) => f,
         Err(e) => {
             let reason = format!("undecodable arguments for task `{}`: {e}", envelope.name);
             tracing::error!(%reason, "dead-lettering task");
             dead_letter_now(
                 rt,
-                receipt,
-                envelope,
+                ctx.take_receipt(),
+                ctx.envelope(),
                 started_at,
                 reason,
                 Some(e.to_string()),
@@ -133,38 +143,44 @@ async fn run_delivery(rt: &Arc<Runtime>, delivery: Delivery) {
         }
     };
     let at_most_once = entry.options.delivery == DeliveryMode::AtMostOnce;
-    if at_most_once && let Err(e) = rt.broker.ack(&receipt).await {
+    if at_most_once && let Err(e) = rt.broker.ack(ctx.receipt()).await {
         tracing::warn!(error = %e, "at-most-once task could not be acked before running; not running it");
         return;
     }
     let attempt = envelope.attempt + 1;
     rt.counters.started.fetch_add(1, Ordering::Relaxed);
-    let _ = rt.completions.send(Completion::record(record(
-        rt,
-        &envelope,
-        attempt,
-        started_at,
-        TaskState::Started,
-    )));
+    if rt.backend.is_some() {
+        let _ = rt.completions.send(Completion::record(record(
+            rt,
+            envelope,
+            attempt,
+            started_at,
+            TaskState::Started,
+        )));
+    }
 
-    let outcome = run_with_lease(rt, entry, &receipt, future, at_most_once).await;
-    let settle_receipt = if at_most_once { None } else { Some(receipt) };
+    let outcome = run_with_lease(rt, entry, ctx.receipt(), future, at_most_once).await;
+    // The handler's future is gone: the receipt comes back without a copy
+    // unless the task kept a clone of its context.
+    let settle_receipt = if at_most_once {
+        None
+    } else {
+        Some(ctx.take_receipt())
+    };
+    let envelope = ctx.envelope();
     match outcome {
         Outcome::Finished(Ok(result)) => {
             rt.counters.succeeded.fetch_add(1, Ordering::Relaxed);
-            let record = record(
-                rt,
-                &envelope,
-                attempt,
-                started_at,
-                TaskState::Succeeded { result },
-            );
-            let _ = rt.completions.send(Completion {
-                receipt: settle_receipt,
-                settle: Settle::Ack,
-                group_id: envelope.group_id,
-                record: Some(record),
+            let record = rt.backend.is_some().then(|| {
+                record(
+                    rt,
+                    envelope,
+                    attempt,
+                    started_at,
+                    TaskState::Succeeded { result },
+                )
             });
+            complete(rt, settle_receipt, Settle::Ack, record, envelope);
         }
         Outcome::Finished(Err(err)) => {
             fail(rt, settle_receipt, envelope, entry, started_at, err);
@@ -189,13 +205,11 @@ async fn run_delivery(rt: &Arc<Runtime>, delivery: Delivery) {
         Outcome::Aborted => {
             tracing::warn!("task stopped at the end of the shutdown grace; requeued");
             rt.counters.requeued.fetch_add(1, Ordering::Relaxed);
-            if settle_receipt.is_some() {
-                let _ = rt.completions.send(Completion {
-                    receipt: settle_receipt,
-                    settle: Settle::Nack(Nack::after(Duration::ZERO)),
-                    record: None,
-                    group_id: None,
-                });
+            if let Some(receipt) = settle_receipt {
+                let _ = rt.completions.send(Completion::settle(
+                    receipt,
+                    Settle::nack(Nack::after(Duration::ZERO)),
+                ));
             }
         }
         Outcome::LeaseLost => {
@@ -231,6 +245,16 @@ async fn run_with_lease(
         }
     };
     tokio::pin!(timed);
+    let finished = |r: Result<Option<HandlerResult>, Box<dyn std::any::Any + Send>>| match r {
+        Ok(Some(result)) => Outcome::Finished(result),
+        Ok(None) => Outcome::TimedOut(entry.options.timeout.unwrap_or_default()),
+        Err(payload) => Outcome::Panicked(panic_message(payload.as_ref())),
+    };
+    // Most tasks finish without ever waiting: poll once before arming the
+    // keep-alive timer and the shutdown watch, so those cost nothing then.
+    if let Poll::Ready(r) = futures::poll!(timed.as_mut()) {
+        return finished(r);
+    }
     let period = (lease / 3).max(Duration::from_millis(20));
     let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -238,13 +262,7 @@ async fn run_with_lease(
         tokio::select! {
             biased;
             () = rt.abort.cancelled() => return Outcome::Aborted,
-            r = &mut timed => {
-                return match r {
-                    Ok(Some(result)) => Outcome::Finished(result),
-                    Ok(None) => Outcome::TimedOut(entry.options.timeout.unwrap_or_default()),
-                    Err(payload) => Outcome::Panicked(panic_message(payload.as_ref())),
-                };
-            }
+            r = &mut timed => return finished(r),
             _ = keepalive.tick(), if !at_most_once => {
                 match rt.broker.extend_lease(receipt, lease).await {
                     Ok(()) => {}
@@ -270,7 +288,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 fn fail(
     rt: &Runtime,
     receipt: Option<Receipt>,
-    envelope: Envelope,
+    envelope: &Envelope,
     entry: &TaskEntry,
     started_at: DateTime<Utc>,
     err: HandlerError,
@@ -281,14 +299,16 @@ fn fail(
         // At-most-once: already acked, never retried.
         rt.counters.failed.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(error = %failure, "at-most-once task failed; not retried");
-        let record = record(
-            rt,
-            &envelope,
-            attempt,
-            started_at,
-            TaskState::Failed { error: failure },
-        );
-        complete(rt, None, Settle::Nothing, record, &envelope);
+        let record = rt.backend.is_some().then(|| {
+            record(
+                rt,
+                envelope,
+                attempt,
+                started_at,
+                TaskState::Failed { error: failure },
+            )
+        });
+        complete(rt, None, Settle::Nothing, record, envelope);
         return;
     }
     let retry_delay = match err.directive {
@@ -303,23 +323,26 @@ fn fail(
             let next_at =
                 Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
             tracing::info!(error = %failure, retry_in = ?delay, "attempt failed; retrying");
+            let last_error = failure.to_string();
+            let record = rt.backend.is_some().then(|| {
+                Box::new(record(
+                    rt,
+                    envelope,
+                    attempt,
+                    started_at,
+                    TaskState::Retrying {
+                        next_at,
+                        error: failure,
+                    },
+                ))
+            });
             let mut next = envelope.clone();
             next.attempt = attempt;
-            next.last_error = Some(failure.to_string());
-            let record = record(
-                rt,
-                &envelope,
-                attempt,
-                started_at,
-                TaskState::Retrying {
-                    next_at,
-                    error: failure,
-                },
-            );
+            next.last_error = Some(last_error);
             let _ = rt.completions.send(Completion {
                 receipt,
-                settle: Settle::Nack(Nack::after(delay).with_envelope(next)),
-                record: Some(record),
+                settle: Settle::nack(Nack::after(delay).with_envelope(next)),
+                record,
                 group_id: None,
             });
         }
@@ -334,26 +357,29 @@ fn fail(
                 )
             };
             tracing::error!(error = %failure, %reason, "task failed; dead-lettering");
+            let error_text = failure.to_string();
+            let group_id = envelope.group_id;
+            let record = rt.backend.is_some().then(|| {
+                Box::new(record(
+                    rt,
+                    envelope,
+                    attempt,
+                    started_at,
+                    TaskState::Failed { error: failure },
+                ))
+            });
             let mut last = envelope.clone();
             last.attempt = attempt;
-            last.last_error = Some(failure.to_string());
-            let error_text = failure.to_string();
-            let record = record(
-                rt,
-                &envelope,
-                attempt,
-                started_at,
-                TaskState::Failed { error: failure },
-            );
+            last.last_error = Some(error_text.clone());
             let _ = rt.completions.send(Completion {
                 receipt,
-                settle: Settle::DeadLetter(DeadLetterRequest {
+                settle: Settle::dead_letter(DeadLetterRequest {
                     reason,
                     error: Some(error_text),
                     envelope: Some(last),
                 }),
-                group_id: envelope.group_id,
-                record: Some(record),
+                group_id,
+                record,
             });
         }
     }
@@ -363,7 +389,7 @@ fn fail(
 fn dead_letter_now(
     rt: &Runtime,
     receipt: Receipt,
-    envelope: Envelope,
+    envelope: &Envelope,
     started_at: DateTime<Utc>,
     reason: String,
     error: Option<String>,
@@ -371,42 +397,48 @@ fn dead_letter_now(
     type_name: &str,
 ) {
     rt.counters.failed.fetch_add(1, Ordering::Relaxed);
-    let failure = TaskFailure {
-        message: reason.clone(),
-        type_name: type_name.to_owned(),
-        kind,
-    };
-    let record = record(
-        rt,
-        &envelope,
-        envelope.attempt + 1,
-        started_at,
-        TaskState::Failed { error: failure },
-    );
+    let record = rt.backend.is_some().then(|| {
+        let failure = TaskFailure {
+            message: reason.clone(),
+            type_name: type_name.to_owned(),
+            kind,
+        };
+        Box::new(record(
+            rt,
+            envelope,
+            envelope.attempt + 1,
+            started_at,
+            TaskState::Failed { error: failure },
+        ))
+    });
     let _ = rt.completions.send(Completion {
         receipt: Some(receipt),
-        settle: Settle::DeadLetter(DeadLetterRequest {
+        settle: Settle::dead_letter(DeadLetterRequest {
             reason,
             error,
             envelope: None,
         }),
         group_id: envelope.group_id,
-        record: Some(record),
+        record,
     });
 }
 
+/// Sends a settle and, with a result backend, the record that goes with it.
 fn complete(
     rt: &Runtime,
     receipt: Option<Receipt>,
     settle: Settle,
-    record: TaskRecord,
+    record: Option<TaskRecord>,
     envelope: &Envelope,
 ) {
+    if receipt.is_none() && record.is_none() {
+        return;
+    }
     let _ = rt.completions.send(Completion {
         receipt,
         settle,
         group_id: envelope.group_id,
-        record: Some(record),
+        record: record.map(Box::new),
     });
 }
 
@@ -420,7 +452,7 @@ fn record(
     let mut rec = TaskRecord::new(envelope.id, state);
     rec.name = Some(envelope.name.clone());
     rec.attempts = attempts;
-    rec.worker_id = Some(rt.config.worker_id.clone());
+    rec.worker_id = Some(rt.worker_id.to_string());
     rec.started_at = Some(started_at);
     rec.group_id = envelope.group_id;
     if let Some(secs) = envelope.result_ttl_secs {

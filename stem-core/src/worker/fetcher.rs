@@ -1,6 +1,7 @@
-//! The fetcher: claims as many deliveries as there are free slots (up to
-//! the prefetch), filters revoked ones in one backend call, and hands each
-//! to an executor. It stops at shutdown and never drops a leased delivery.
+//! The fetcher: claims as many deliveries as there are free executor
+//! slots (up to the prefetch), filters revoked ones in one backend call, and
+//! hands the batch to the slots (see `dispatch`). It stops at shutdown and
+//! never drops a leased delivery.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -11,9 +12,19 @@ use chrono::Utc;
 use super::Runtime;
 use super::completer::{Completion, Settle};
 use crate::backend::{TaskRecord, TaskState};
-use crate::broker::{Delivery, FetchRequest, Nack};
+use crate::broker::{Delivery, FetchRequest, Nack, Receipt};
+use crate::context::Context;
 
 pub(crate) async fn run(rt: Arc<Runtime>) {
+    fetch_loop(&rt).await;
+    // Slots finish what was handed to them, then end.
+    rt.dispatch.close();
+    tracing::debug!("fetcher stopped");
+}
+
+async fn fetch_loop(rt: &Runtime) {
+    let dispatch = &rt.dispatch;
+    let prefetch = rt.config.prefetch;
     let mut backoff = Duration::from_millis(50);
     let mut req = FetchRequest {
         queues: rt.config.queues.clone(),
@@ -23,38 +34,32 @@ pub(crate) async fn run(rt: Arc<Runtime>) {
         consumer: rt.config.worker_id.clone(),
     };
     loop {
-        let first = tokio::select! {
-            biased;
-            () = rt.stop.cancelled() => break,
-            p = Arc::clone(&rt.slots).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let mut permits = vec![first];
-        take_free(&rt, &mut permits);
+        let mut free = dispatch.free();
+        if free == 0 {
+            tokio::select! {
+                biased;
+                () = rt.stop.cancelled() => return,
+                () = dispatch.freed() => {}
+            }
+            continue;
+        }
         // When busy, slots free up one at a time; claiming each alone would
         // cost the broker a round trip per task. Wait a moment for half a
         // batch to gather (never when idle: then every slot is free).
-        let want = (rt.config.prefetch / 2).max(1);
-        if permits.len() < want {
+        let want = dispatch.batch().min(prefetch);
+        if free < want {
             let gather = tokio::time::sleep(GATHER);
             tokio::pin!(gather);
-            while permits.len() < want {
+            while free < want {
                 tokio::select! {
                     biased;
-                    p = Arc::clone(&rt.slots).acquire_owned() => match p {
-                        Ok(p) => {
-                            permits.push(p);
-                            take_free(&rt, &mut permits);
-                        }
-                        Err(_) => break,
-                    },
+                    () = dispatch.freed() => free = dispatch.free(),
                     () = &mut gather => break,
                 }
             }
+            free = dispatch.free();
         }
-        req.max = permits.len();
+        req.max = free.min(prefetch);
         // Shutdown does not wait for an idle fetch to time out: the fetch is
         // dropped. Adapters' fetches lose nothing when dropped while they
         // wait; one dropped mid-claim leaves its claims leased until the
@@ -62,18 +67,17 @@ pub(crate) async fn run(rt: Arc<Runtime>) {
         let fetched = tokio::select! {
             biased;
             r = rt.broker.fetch(&req) => r,
-            () = rt.stop.cancelled() => break,
+            () = rt.stop.cancelled() => return,
         };
-        let deliveries = match fetched {
+        let mut deliveries = match fetched {
             Ok(d) => {
                 backoff = Duration::from_millis(50);
                 d
             }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "fetch failed; retrying");
-                drop(permits);
                 tokio::select! {
-                    () = rt.stop.cancelled() => break,
+                    () = rt.stop.cancelled() => return,
                     () = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -84,49 +88,49 @@ pub(crate) async fn run(rt: Arc<Runtime>) {
             continue;
         }
         if rt.stop.is_cancelled() {
-            requeue(&rt, deliveries);
-            break;
+            requeue(rt, deliveries);
+            return;
         }
-        let revoked = revoked_flags(&rt, &deliveries).await;
-        for (delivery, is_revoked) in deliveries.into_iter().zip(revoked) {
-            let Some(permit) = permits.pop() else {
-                // The broker returned more than asked; put the rest back.
-                requeue(&rt, vec![delivery]);
-                continue;
-            };
-            if is_revoked {
-                skip_revoked(&rt, delivery);
-                continue;
+        if deliveries.len() > req.max {
+            // The broker returned more than asked; put the rest back.
+            requeue(rt, deliveries.split_off(req.max));
+        }
+        if rt.backend.is_some() {
+            let revoked = revoked_flags(rt, &deliveries).await;
+            let mut run = Vec::with_capacity(deliveries.len());
+            for (delivery, is_revoked) in deliveries.into_iter().zip(revoked) {
+                if is_revoked {
+                    skip_revoked(rt, delivery);
+                } else {
+                    run.push(delivery);
+                }
             }
-            rt.tracker
-                .spawn(super::executor::execute(Arc::clone(&rt), delivery, permit));
+            deliveries = run;
         }
+        dispatch.push(
+            deliveries
+                .into_iter()
+                .map(|d| Context::for_delivery(d, &rt.ctx_shared)),
+        );
     }
-    tracing::debug!("fetcher stopped");
 }
 
 /// Longest the fetcher waits for more free slots before claiming.
 const GATHER: Duration = Duration::from_millis(2);
 
-fn take_free(rt: &Runtime, permits: &mut Vec<tokio::sync::OwnedSemaphorePermit>) {
-    while permits.len() < rt.config.prefetch {
-        match Arc::clone(&rt.slots).try_acquire_owned() {
-            Ok(p) => permits.push(p),
-            Err(_) => break,
-        }
+fn requeue(rt: &Runtime, deliveries: Vec<Delivery>) {
+    for d in deliveries {
+        requeue_one(rt, d.receipt);
     }
 }
 
-fn requeue(rt: &Runtime, deliveries: Vec<Delivery>) {
-    for d in deliveries {
-        rt.counters.requeued.fetch_add(1, Ordering::Relaxed);
-        let _ = rt.completions.send(Completion {
-            receipt: Some(d.receipt),
-            settle: Settle::Nack(Nack::after(Duration::ZERO)),
-            record: None,
-            group_id: None,
-        });
-    }
+/// Puts a delivery back without charging an attempt (shutdown).
+pub(crate) fn requeue_one(rt: &Runtime, receipt: Receipt) {
+    rt.counters.requeued.fetch_add(1, Ordering::Relaxed);
+    let _ = rt.completions.send(Completion::settle(
+        receipt,
+        Settle::nack(Nack::after(Duration::ZERO)),
+    ));
 }
 
 async fn revoked_flags(rt: &Runtime, deliveries: &[Delivery]) -> Vec<bool> {
@@ -152,16 +156,19 @@ async fn revoked_flags(rt: &Runtime, deliveries: &[Delivery]) -> Vec<bool> {
 fn skip_revoked(rt: &Runtime, delivery: Delivery) {
     tracing::info!(task_id = %delivery.envelope.id, task = %delivery.envelope.name, "task revoked; skipped");
     rt.counters.revoked.fetch_add(1, Ordering::Relaxed);
-    let mut rec = TaskRecord::new(delivery.envelope.id, TaskState::Revoked);
-    rec.name = Some(delivery.envelope.name.clone());
-    rec.attempts = delivery.envelope.attempt;
-    rec.worker_id = Some(rt.config.worker_id.clone());
-    rec.group_id = delivery.envelope.group_id;
+    let Delivery {
+        envelope, receipt, ..
+    } = delivery;
+    let mut rec = TaskRecord::new(envelope.id, TaskState::Revoked);
+    rec.name = Some(envelope.name);
+    rec.attempts = envelope.attempt;
+    rec.worker_id = Some(rt.worker_id.to_string());
+    rec.group_id = envelope.group_id;
     rec.updated_at = Utc::now();
     let _ = rt.completions.send(Completion {
-        receipt: Some(delivery.receipt),
+        receipt: Some(receipt),
         settle: Settle::Ack,
-        group_id: delivery.envelope.group_id,
-        record: Some(rec),
+        group_id: envelope.group_id,
+        record: Some(Box::new(rec)),
     });
 }

@@ -47,10 +47,7 @@ async fn heartbeat(rt: &Runtime, host: &str) {
         pid: std::process::id(),
         queues: rt.config.queues.clone(),
         concurrency: rt.config.concurrency,
-        active: rt
-            .config
-            .concurrency
-            .saturating_sub(rt.slots.available_permits()),
+        active: rt.dispatch.in_flight(),
         at: Utc::now(),
         interval: rt.config.heartbeat_interval,
     };

@@ -33,6 +33,7 @@
 
 mod completer;
 mod config;
+mod dispatch;
 mod executor;
 mod fetcher;
 mod maintenance;
@@ -44,7 +45,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -53,7 +54,7 @@ pub use config::{WorkerArgs, WorkerConfig, default_worker_id, host_name};
 use crate::backend::ResultBackend;
 use crate::broker::Broker;
 use crate::client::Stem;
-use crate::context::StateMap;
+use crate::context::{ContextShared, StateMap};
 use crate::error::{ConfigError, StemError};
 use crate::registry::{RegistryError, TaskEntry};
 
@@ -126,14 +127,17 @@ impl Counters {
 
 /// What every part of a running worker shares.
 pub(crate) struct Runtime {
-    pub(crate) client: Stem,
     pub(crate) broker: Arc<dyn Broker>,
     pub(crate) backend: Option<Arc<dyn ResultBackend>>,
     pub(crate) config: WorkerConfig,
-    pub(crate) states: Arc<StateMap>,
     pub(crate) tasks: HashMap<&'static str, &'static TaskEntry>,
     pub(crate) known_names: String,
-    pub(crate) slots: Arc<Semaphore>,
+    /// The worker id, shared by every record and context.
+    pub(crate) worker_id: Arc<str>,
+    /// What every task's [`crate::Context`] shares.
+    pub(crate) ctx_shared: Arc<ContextShared>,
+    /// The hand-off from the fetcher to the executor slots.
+    pub(crate) dispatch: dispatch::Dispatch,
     /// Stop fetching.
     pub(crate) stop: CancellationToken,
     /// Grace over: drop running tasks and requeue them.
@@ -309,22 +313,38 @@ impl Worker {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut names: Vec<&str> = self.tasks.keys().copied().collect();
         names.sort_unstable();
+        let worker_id: Arc<str> = Arc::from(self.config.worker_id.as_str());
+        let (concurrency, prefetch) = (self.config.concurrency, self.config.prefetch);
+        let abort = CancellationToken::new();
+        let ctx_shared = Arc::new(ContextShared {
+            broker: Arc::clone(self.client.broker()),
+            backend: self.client.backend().cloned(),
+            client: Some(self.client.clone()),
+            states: self.states,
+            cancel: abort.clone(),
+            worker_id: Arc::clone(&worker_id),
+        });
         let rt = Arc::new(Runtime {
             broker: Arc::clone(self.client.broker()),
             backend: self.client.backend().cloned(),
-            client: self.client,
-            slots: Arc::new(Semaphore::new(self.config.concurrency)),
             rates: rate::RateLimits::new(self.tasks.values().copied()),
             config: self.config,
-            states: self.states,
             tasks: self.tasks,
             known_names: names.join(", "),
+            worker_id,
+            ctx_shared,
+            dispatch: dispatch::Dispatch::new(concurrency, prefetch / 2),
             stop: CancellationToken::new(),
-            abort: CancellationToken::new(),
+            abort,
             completions: tx,
             tracker: TaskTracker::new(),
             counters: Arc::new(Counters::default()),
         });
+        // The executor slots start now, so the fetcher's first claim is
+        // not held up by starting them.
+        for _ in 0..concurrency {
+            rt.tracker.spawn(executor::slot(Arc::clone(&rt)));
+        }
         let stop = rt.stop.clone();
         let join = tokio::spawn(shutdown::supervise(rt, rx));
         WorkerHandle { stop, join }

@@ -36,6 +36,9 @@ pub(crate) async fn supervise(
     if let Err(e) = fetcher.await {
         tracing::error!(error = %e, "fetcher ended abnormally");
     }
+    // The fetcher closes the hand-off when it ends; again here in case it
+    // ended abnormally, so the executor slots still finish.
+    rt.dispatch.close();
     rt.tracker.close();
     let grace = rt.config.shutdown_grace;
     if tokio::time::timeout(grace, rt.tracker.wait())
@@ -47,6 +50,7 @@ pub(crate) async fn supervise(
             running = rt.tracker.len(),
             "shutdown grace over: stopping running tasks and requeueing them"
         );
+        rt.dispatch.abort();
         rt.abort.cancel();
         rt.tracker.wait().await;
     }
