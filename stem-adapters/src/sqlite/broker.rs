@@ -37,9 +37,8 @@ macro_rules! now_sql {
 /// Broadcast messages older than this are deleted by `maintain`.
 const BROADCAST_KEEP_MS: i64 = 5 * 60 * 1000;
 
-const INSERT_JOB: &str = "INSERT INTO stem_jobs (ns, id, queue, priority, state, due_ms, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
-
-const INSERT_UNIQUE_JOB: &str = "INSERT INTO stem_jobs (ns, id, queue, priority, state, due_ms, unique_key, unique_on_finish, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+/// A new row; the unique key is NULL for envelopes without one.
+const INSERT_JOB: &str = "INSERT INTO stem_jobs (ns, id, queue, priority, state, due_ms, unique_key, unique_on_finish, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
 
 const CLAIM: &str = "UPDATE stem_jobs SET state = 2, due_ms = ?1, token = token + 1, deliveries = deliveries + 1 \
      WHERE seq IN (SELECT seq FROM stem_jobs WHERE ns = ?2 AND queue = ?3 AND state = 0 ORDER BY priority DESC, seq LIMIT ?4) \
@@ -206,6 +205,8 @@ impl SqliteBroker {
                 0,
                 0,
                 0,
+                Option::<String>::None,
+                0,
                 bytes
             ])?;
             Ok(())
@@ -280,48 +281,37 @@ impl SqliteBroker {
                 let mut out = Vec::with_capacity(rows.len());
                 let mut insert = c.prepare_cached(INSERT_JOB)?;
                 for r in &rows {
-                    let Some(u) = &r.unique else {
-                        insert.execute(params![
-                            ns,
-                            r.id_text,
-                            r.queue,
-                            r.priority,
-                            r.state,
-                            now.saturating_add(r.delay),
-                            r.payload
-                        ])?;
-                        out.push(Published::Stored(r.id));
-                        continue;
-                    };
-                    let holder: Option<(String, i64)> = c
-                        .prepare_cached(
-                            "SELECT holder, until_ms FROM stem_unique WHERE ns = ?1 AND key = ?2",
+                    if let Some(u) = &r.unique {
+                        let holder: Option<(String, i64)> = c
+                            .prepare_cached(
+                                "SELECT holder, until_ms FROM stem_unique WHERE ns = ?1 AND key = ?2",
+                            )?
+                            .query_row(params![ns, u.key], |row| Ok((row.get(0)?, row.get(1)?)))
+                            .optional()?;
+                        if let Some((holder, until)) = holder
+                            && until > now
+                        {
+                            let id = holder.parse::<TaskId>().map_err(|e| BrokerError::Storage {
+                                adapter: adapter.clone(),
+                                reason: format!("corrupt unique key holder: {e}"),
+                            })?;
+                            out.push(Published::Duplicate(id));
+                            continue;
+                        }
+                        c.prepare_cached(
+                            "INSERT OR REPLACE INTO stem_unique (ns, key, holder, until_ms) VALUES (?1, ?2, ?3, ?4)",
                         )?
-                        .query_row(params![ns, u.key], |row| Ok((row.get(0)?, row.get(1)?)))
-                        .optional()?;
-                    if let Some((holder, until)) = holder
-                        && until > now
-                    {
-                        let id = holder.parse::<TaskId>().map_err(|e| BrokerError::Storage {
-                            adapter: adapter.clone(),
-                            reason: format!("corrupt unique key holder: {e}"),
-                        })?;
-                        out.push(Published::Duplicate(id));
-                        continue;
+                        .execute(params![ns, u.key, r.id_text, now.saturating_add(u.window_ms)])?;
                     }
-                    c.prepare_cached(
-                        "INSERT OR REPLACE INTO stem_unique (ns, key, holder, until_ms) VALUES (?1, ?2, ?3, ?4)",
-                    )?
-                    .execute(params![ns, u.key, r.id_text, now.saturating_add(u.window_ms)])?;
-                    c.prepare_cached(INSERT_UNIQUE_JOB)?.execute(params![
+                    insert.execute(params![
                         ns,
                         r.id_text,
                         r.queue,
                         r.priority,
                         r.state,
                         now.saturating_add(r.delay),
-                        u.key,
-                        i64::from(u.on_finish),
+                        r.unique.as_ref().map(|u| &u.key),
+                        r.unique.as_ref().is_some_and(|u| u.on_finish),
                         r.payload
                     ])?;
                     out.push(Published::Stored(r.id));

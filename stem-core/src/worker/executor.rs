@@ -72,7 +72,7 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context) {
     if envelope.expires_at.is_some_and(|t| t <= started_at) {
         tracing::info!("task expired before it ran; dropped");
         rt.counters.failed.fetch_add(1, Ordering::Relaxed);
-        let record = rt.backend.is_some().then(|| {
+        let record = record(rt, envelope, envelope.attempt, started_at, || {
             let failure = TaskFailure {
                 message: format!(
                     "expired at {} before a worker ran it",
@@ -81,13 +81,7 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context) {
                 type_name: String::from("stem::Expired"),
                 kind: FailureKind::Expired,
             };
-            record(
-                rt,
-                envelope,
-                envelope.attempt,
-                started_at,
-                TaskState::Failed { error: failure },
-            )
+            TaskState::Failed { error: failure }
         });
         complete(
             rt,
@@ -149,14 +143,8 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context) {
     }
     let attempt = envelope.attempt + 1;
     rt.counters.started.fetch_add(1, Ordering::Relaxed);
-    if rt.backend.is_some() {
-        let _ = rt.completions.send(Completion::record(record(
-            rt,
-            envelope,
-            attempt,
-            started_at,
-            TaskState::Started,
-        )));
+    if let Some(started) = record(rt, envelope, attempt, started_at, || TaskState::Started) {
+        let _ = rt.completions.send(Completion::record(started));
     }
 
     let outcome = run_with_lease(rt, entry, ctx.receipt(), future, at_most_once).await;
@@ -171,14 +159,8 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context) {
     match outcome {
         Outcome::Finished(Ok(result)) => {
             rt.counters.succeeded.fetch_add(1, Ordering::Relaxed);
-            let record = rt.backend.is_some().then(|| {
-                record(
-                    rt,
-                    envelope,
-                    attempt,
-                    started_at,
-                    TaskState::Succeeded { result },
-                )
+            let record = record(rt, envelope, attempt, started_at, || TaskState::Succeeded {
+                result,
             });
             complete(rt, settle_receipt, Settle::Ack, record, envelope);
         }
@@ -299,14 +281,8 @@ fn fail(
         // At-most-once: already acked, never retried.
         rt.counters.failed.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(error = %failure, "at-most-once task failed; not retried");
-        let record = rt.backend.is_some().then(|| {
-            record(
-                rt,
-                envelope,
-                attempt,
-                started_at,
-                TaskState::Failed { error: failure },
-            )
+        let record = record(rt, envelope, attempt, started_at, || TaskState::Failed {
+            error: failure,
         });
         complete(rt, None, Settle::Nothing, record, envelope);
         return;
@@ -324,18 +300,11 @@ fn fail(
                 Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
             tracing::info!(error = %failure, retry_in = ?delay, "attempt failed; retrying");
             let last_error = failure.to_string();
-            let record = rt.backend.is_some().then(|| {
-                Box::new(record(
-                    rt,
-                    envelope,
-                    attempt,
-                    started_at,
-                    TaskState::Retrying {
-                        next_at,
-                        error: failure,
-                    },
-                ))
-            });
+            let record = record(rt, envelope, attempt, started_at, || TaskState::Retrying {
+                next_at,
+                error: failure,
+            })
+            .map(Box::new);
             let mut next = envelope.clone();
             next.attempt = attempt;
             next.last_error = Some(last_error);
@@ -359,15 +328,10 @@ fn fail(
             tracing::error!(error = %failure, %reason, "task failed; dead-lettering");
             let error_text = failure.to_string();
             let group_id = envelope.group_id;
-            let record = rt.backend.is_some().then(|| {
-                Box::new(record(
-                    rt,
-                    envelope,
-                    attempt,
-                    started_at,
-                    TaskState::Failed { error: failure },
-                ))
-            });
+            let record = record(rt, envelope, attempt, started_at, || TaskState::Failed {
+                error: failure,
+            })
+            .map(Box::new);
             let mut last = envelope.clone();
             last.attempt = attempt;
             last.last_error = Some(error_text.clone());
@@ -397,20 +361,15 @@ fn dead_letter_now(
     type_name: &str,
 ) {
     rt.counters.failed.fetch_add(1, Ordering::Relaxed);
-    let record = rt.backend.is_some().then(|| {
+    let record = record(rt, envelope, envelope.attempt + 1, started_at, || {
         let failure = TaskFailure {
             message: reason.clone(),
             type_name: type_name.to_owned(),
             kind,
         };
-        Box::new(record(
-            rt,
-            envelope,
-            envelope.attempt + 1,
-            started_at,
-            TaskState::Failed { error: failure },
-        ))
-    });
+        TaskState::Failed { error: failure }
+    })
+    .map(Box::new);
     let _ = rt.completions.send(Completion {
         receipt: Some(receipt),
         settle: Settle::dead_letter(DeadLetterRequest {
@@ -442,14 +401,17 @@ fn complete(
     });
 }
 
+/// The record of this step, built only when a result backend will store
+/// it (`state` is not even computed otherwise).
 fn record(
     rt: &Runtime,
     envelope: &Envelope,
     attempts: u32,
     started_at: DateTime<Utc>,
-    state: TaskState,
-) -> TaskRecord {
-    let mut rec = TaskRecord::new(envelope.id, state);
+    state: impl FnOnce() -> TaskState,
+) -> Option<TaskRecord> {
+    rt.backend.as_ref()?;
+    let mut rec = TaskRecord::new(envelope.id, state());
     rec.name = Some(envelope.name.clone());
     rec.attempts = attempts;
     rec.worker_id = Some(rt.worker_id.to_string());
@@ -458,5 +420,5 @@ fn record(
     if let Some(secs) = envelope.result_ttl_secs {
         rec.ttl = Duration::from_secs(secs);
     }
-    rec
+    Some(rec)
 }
