@@ -91,7 +91,7 @@ struct Cli {
     /// Tasks each worker runs at once (default: the runtime's).
     #[arg(long)]
     concurrency: Option<usize>,
-    /// Deliveries claimed per fetch (default: the runtime's, = concurrency).
+    /// Deliveries a worker holds at most, running or waiting (default: the runtime's, 4 per slot).
     #[arg(long)]
     prefetch: Option<usize>,
     /// The worker's longest wait per fetch, e.g. `100ms` (default: the runtime's).

@@ -12,7 +12,7 @@ pub(crate) struct Settings {
     pub(crate) tasks: u64,
     /// Tasks run at once per worker.
     pub(crate) concurrency: usize,
-    /// Deliveries claimed per fetch.
+    /// Deliveries a worker holds at most, running or waiting.
     pub(crate) prefetch: usize,
     /// The worker's longest wait per fetch, ms.
     pub(crate) poll_interval_ms: f64,

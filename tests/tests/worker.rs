@@ -285,11 +285,20 @@ async fn lease_extension_keeps_a_long_task_from_redelivery() {
     let handle = long_runner::enqueue_on(&stem, key.clone(), 1500)
         .await
         .unwrap();
-    // Meanwhile a rival consumer keeps asking for work on the same queue.
+    // Once the worker runs it (before, the rival could simply win the
+    // first fetch), a rival consumer keeps asking for work on the queue.
+    let seen_start = Instant::now();
+    while !matches!(handle.state().await.unwrap(), TaskState::Started) {
+        assert!(
+            seen_start.elapsed() < Duration::from_secs(5),
+            "the worker never started the task"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let broker = Arc::clone(stem.broker());
     let rival = tokio::spawn(async move {
         let mut stolen = 0;
-        let until = Instant::now() + Duration::from_millis(1400);
+        let until = Instant::now() + Duration::from_millis(1200);
         while Instant::now() < until {
             let got = broker
                 .fetch(&FetchRequest::new(["long"], 10).lease(Duration::from_secs(5)))
@@ -362,6 +371,120 @@ async fn graceful_shutdown_requeues_unfinished_work_and_loses_nothing() {
             .await
             .unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetched_deliveries_keep_their_leases_while_they_wait() {
+    let stem = isolated_client("prefetch-lease").await;
+    // One slot, four held: three tasks of 400 ms each, so the last waits
+    // 800 ms in the worker's queue: well past its 300 ms lease.
+    let worker = start(&stem, &["long"], |b| {
+        b.concurrency(1)
+            .prefetch(4)
+            .lease(Duration::from_millis(300))
+    })
+    .await;
+    let key = format!("prefetch-lease-{}", stem::TaskId::new());
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        handles.push(
+            long_runner::enqueue_on(&stem, key.clone(), 400)
+                .await
+                .unwrap(),
+        );
+    }
+    // Once the worker holds all three, a rival polls the queue.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            stem.broker().stats("long").await.unwrap().leased == 3
+        })
+        .await,
+        "the worker prefetched all three"
+    );
+    let broker = Arc::clone(stem.broker());
+    let rival = tokio::spawn(async move {
+        let mut stolen = 0;
+        let until = Instant::now() + Duration::from_millis(1000);
+        while Instant::now() < until {
+            stolen += broker
+                .fetch(&FetchRequest::new(["long"], 10).lease(Duration::from_secs(5)))
+                .await
+                .unwrap()
+                .len();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        stolen
+    });
+    for h in handles {
+        h.wait(Duration::from_secs(10)).await.unwrap();
+    }
+    assert_eq!(
+        rival.await.unwrap(),
+        0,
+        "no waiting delivery's lease lapsed"
+    );
+    assert_eq!(runs(&key).len(), 3, "each ran once");
+    stop(worker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_requeues_prefetched_deliveries_without_running_them() {
+    let stem = isolated_client("prefetch-stop").await;
+    let worker = start(&stem, &["long"], |b| {
+        b.concurrency(1)
+            .prefetch(4)
+            .shutdown_grace(Duration::from_secs(5))
+    })
+    .await;
+    let key = format!("prefetch-stop-{}", stem::TaskId::new());
+    for _ in 0..4 {
+        long_runner::enqueue_on(&stem, key.clone(), 300)
+            .await
+            .unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            stem.broker().stats("long").await.unwrap().leased == 4
+        })
+        .await,
+        "the worker holds all four"
+    );
+    let report = stop(worker).await;
+    // The running one finishes within the grace; the three waiting are
+    // handed back untouched.
+    assert_eq!(report.succeeded, 1, "{report:?}");
+    assert_eq!(report.requeued, 3, "{report:?}");
+    assert_eq!(runs(&key).len(), 1);
+    let stats = stem.broker().stats("long").await.unwrap();
+    assert_eq!((stats.ready, stats.leased), (3, 0), "{stats:?}");
+    let back = stem
+        .broker()
+        .fetch(&FetchRequest::new(["long"], 10))
+        .await
+        .unwrap();
+    assert_eq!(back.len(), 3);
+    for d in &back {
+        assert_eq!(d.envelope.attempt, 0, "no attempt charged");
+        stem.broker().ack(&d.receipt).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefetch_below_the_concurrency_is_refused() {
+    let stem = isolated_client("prefetch-bad").await;
+    let err = Worker::builder()
+        .client(&stem)
+        .queues(["long"])
+        .concurrency(8)
+        .prefetch(4)
+        .build()
+        .await
+        .expect_err("prefetch 4 < concurrency 8");
+    let text = err.to_string();
+    assert!(
+        text.contains("STEM_PREFETCH") && text.contains("at least the concurrency (8)"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

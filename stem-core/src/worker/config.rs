@@ -15,7 +15,10 @@ pub struct WorkerConfig {
     pub queues: Vec<String>,
     /// Tasks run at once.
     pub concurrency: usize,
-    /// Deliveries claimed per fetch at most.
+    /// Deliveries held leased at most, running or waiting for a slot (at
+    /// least `concurrency`; default [`PREFETCH_PER_SLOT`] per slot). Waiting
+    /// deliveries have their leases renewed and are requeued, not run, at
+    /// shutdown.
     pub prefetch: usize,
     /// Time in-flight tasks get to finish after a shutdown signal.
     pub shutdown_grace: Duration,
@@ -38,7 +41,7 @@ impl Default for WorkerConfig {
         Self {
             queues: Vec::new(),
             concurrency,
-            prefetch: concurrency,
+            prefetch: concurrency * PREFETCH_PER_SLOT,
             shutdown_grace: Duration::from_secs(30),
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
@@ -47,6 +50,11 @@ impl Default for WorkerConfig {
         }
     }
 }
+
+/// Deliveries a worker holds per executor slot unless `prefetch` is set:
+/// the one running and three waiting (Celery's default multiplier is 4
+/// too). Claims come in batches of about half of that.
+pub const PREFETCH_PER_SLOT: usize = 4;
 
 /// A worker id: `host-pid-xxxx`.
 #[must_use]
@@ -93,7 +101,7 @@ pub struct WorkerArgs {
     /// Tasks run at once.
     #[arg(long, env = "STEM_CONCURRENCY")]
     pub concurrency: Option<usize>,
-    /// Deliveries claimed per fetch at most.
+    /// Deliveries held at most, running or waiting (default: 4 per slot).
     #[arg(long, env = "STEM_PREFETCH")]
     pub prefetch: Option<usize>,
     /// Time in-flight tasks get after SIGINT/SIGTERM, e.g. `30s`.
@@ -128,7 +136,7 @@ impl WorkerArgs {
         if let Some(c) = self.concurrency {
             config.concurrency = c;
             if self.prefetch.is_none() {
-                config.prefetch = c;
+                config.prefetch = c.saturating_mul(PREFETCH_PER_SLOT);
             }
         }
         if let Some(p) = self.prefetch {
@@ -172,8 +180,15 @@ impl WorkerConfig {
         if self.concurrency == 0 {
             return Err(bad("STEM_CONCURRENCY", "0".into(), "use at least 1"));
         }
-        if self.prefetch == 0 {
-            return Err(bad("STEM_PREFETCH", "0".into(), "use at least 1"));
+        if self.prefetch < self.concurrency {
+            return Err(bad(
+                "STEM_PREFETCH",
+                self.prefetch.to_string(),
+                &format!(
+                    "the prefetch counts running deliveries too: use at least the concurrency ({})",
+                    self.concurrency
+                ),
+            ));
         }
         if self.lease < Duration::from_millis(100) {
             return Err(bad(

@@ -7,22 +7,40 @@
 //! a task spawn, and a slot that finds more work when it finishes takes it
 //! without sleeping.
 //!
-//! Free slots are counted, not collected: `in_flight` counts deliveries
-//! handed over and not yet finished (queued or running), so the fetcher
-//! may claim `concurrency - in_flight` more. A finishing slot wakes the
-//! fetcher only when the free count reaches a level the fetcher waits for
-//! (one free slot, or half a batch), not once per task.
+//! The worker holds up to `window` (the prefetch) deliveries at once,
+//! running or waiting here, so a slot that finishes finds its next task
+//! queued instead of waiting for a claim round trip, and claims come in
+//! batches of about half the window. `in_flight` counts deliveries handed
+//! over and not finished (queued or running): the fetcher may claim
+//! `window - in_flight` more. A finishing slot wakes the fetcher only when
+//! that reaches a level the fetcher waits for (half the window free, or a
+//! slot going idle), not once per task.
+//!
+//! Queued deliveries are leased like running ones: each carries the time
+//! its lease was last renewed, the keeper (`keep_queued`) renews those that
+//! wait longer than a third of the lease, and at shutdown whatever is still
+//! queued is handed back to be requeued rather than run.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::broker::Receipt;
 use crate::context::Context;
 
+/// A delivery waiting for a slot.
+pub(crate) struct Queued {
+    pub(crate) ctx: Context,
+    /// When its lease was granted or last renewed (read before the call
+    /// that did it, so never later than the broker's own reckoning).
+    pub(crate) renewed: Instant,
+}
+
 pub(crate) struct Dispatch {
-    queue: Mutex<VecDeque<Context>>,
+    queue: Mutex<VecDeque<Queued>>,
     /// Slots wait here for work.
     work: Notify,
     /// Slots woken for work that have not looked at the queue yet.
@@ -35,15 +53,20 @@ pub(crate) struct Dispatch {
     closed: AtomicBool,
     /// The shutdown grace is over: what has not started is requeued.
     aborted: AtomicBool,
+    /// Executor slots.
     concurrency: usize,
-    /// The free-slot count the fetcher gathers before claiming when busy.
+    /// Deliveries held at most, running or queued (the prefetch).
+    window: usize,
+    /// The free count the fetcher gathers before claiming when busy.
     batch: usize,
 }
 
 impl Dispatch {
-    pub(crate) fn new(concurrency: usize, batch: usize) -> Self {
+    /// `window` is raised to `concurrency` when below it.
+    pub(crate) fn new(concurrency: usize, window: usize) -> Self {
+        let window = window.max(concurrency);
         Self {
-            queue: Mutex::new(VecDeque::with_capacity(concurrency)),
+            queue: Mutex::new(VecDeque::with_capacity(window)),
             work: Notify::new(),
             searching: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
@@ -51,18 +74,24 @@ impl Dispatch {
             closed: AtomicBool::new(false),
             aborted: AtomicBool::new(false),
             concurrency,
-            batch: batch.clamp(1, concurrency),
+            window,
+            batch: (window / 2).max(1),
         }
     }
 
-    fn queue(&self) -> MutexGuard<'_, VecDeque<Context>> {
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Queued>> {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Slots free to take a delivery now.
+    /// Deliveries the worker may claim now.
     pub(crate) fn free(&self) -> usize {
-        self.concurrency
+        self.window
             .saturating_sub(self.in_flight.load(Ordering::Acquire))
+    }
+
+    /// Whether every slot has a task, running or queued for it.
+    pub(crate) fn slots_busy(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) >= self.concurrency
     }
 
     /// Deliveries handed over and not finished (queued or running).
@@ -70,26 +99,28 @@ impl Dispatch {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// The free-slot count worth gathering before a claim when busy.
+    /// The free count worth gathering before a claim when busy.
     pub(crate) fn batch(&self) -> usize {
         self.batch
     }
 
-    /// Resolves after a slot frees up at a level the fetcher waits for;
-    /// the caller re-reads [`Dispatch::free`].
+    /// Resolves after a delivery finishes at a level the fetcher waits for
+    /// (half the window free, or a slot idle); the caller re-reads
+    /// [`Dispatch::free`].
     pub(crate) async fn freed(&self) {
         self.freed.notified().await;
     }
 
-    /// Hands `tasks` to the slots. The caller claimed no more than
-    /// [`Dispatch::free`] said.
-    pub(crate) fn push(&self, tasks: impl ExactSizeIterator<Item = Context>) {
+    /// Hands `tasks`, leased at `renewed`, to the slots. The caller claimed
+    /// no more than [`Dispatch::free`] said.
+    pub(crate) fn push(&self, tasks: impl ExactSizeIterator<Item = Context>, renewed: Instant) {
         let n = tasks.len();
         if n == 0 {
             return;
         }
         self.in_flight.fetch_add(n, Ordering::AcqRel);
-        self.queue().extend(tasks);
+        self.queue()
+            .extend(tasks.map(|ctx| Queued { ctx, renewed }));
         self.wake_one();
     }
 
@@ -109,7 +140,7 @@ impl Dispatch {
     }
 
     /// Pops a task; wakes the next slot when more are queued.
-    fn pop(&self) -> Option<Context> {
+    fn pop(&self) -> Option<Queued> {
         let (task, more) = {
             let mut q = self.queue();
             let task = q.pop_front();
@@ -122,7 +153,7 @@ impl Dispatch {
     }
 
     /// The next task for a slot; `None` once closed and drained.
-    pub(crate) async fn next(&self) -> Option<Context> {
+    pub(crate) async fn next(&self) -> Option<Queued> {
         loop {
             if let Some(task) = self.pop() {
                 return Some(task);
@@ -148,13 +179,51 @@ impl Dispatch {
         }
     }
 
-    /// A slot finished a delivery.
+    /// A delivery handed over is done with (run, requeued or lost).
     pub(crate) fn finished(&self) {
-        let before = self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        let free = self.concurrency - (before - 1);
-        if free == 1 || free == self.batch {
+        let after = self.in_flight.fetch_sub(1, Ordering::AcqRel) - 1;
+        if self.window.saturating_sub(after) == self.batch || after + 1 == self.concurrency {
             self.freed.notify_one();
         }
+    }
+
+    /// Receipts of queued deliveries whose lease was last renewed `period`
+    /// or more ago, marked renewed now: the caller renews them.
+    pub(crate) fn stale(&self, period: Duration) -> Vec<Receipt> {
+        let now = Instant::now();
+        let mut q = self.queue();
+        q.iter_mut()
+            .filter(|t| now.duration_since(t.renewed) >= period)
+            .map(|t| {
+                t.renewed = now;
+                t.ctx.receipt().clone()
+            })
+            .collect()
+    }
+
+    /// Drops a queued delivery whose lease turned out lost; `true` when it
+    /// was still queued (then it counts as finished).
+    pub(crate) fn forget(&self, receipt: &Receipt) -> bool {
+        let removed = {
+            let mut q = self.queue();
+            q.iter()
+                .position(|t| {
+                    let r = t.ctx.receipt();
+                    r.token == receipt.token && r.task_id == receipt.task_id
+                })
+                .and_then(|i| q.remove(i))
+        };
+        let found = removed.is_some();
+        if found {
+            self.finished();
+        }
+        found
+    }
+
+    /// Takes every delivery not started yet (shutdown: they are requeued,
+    /// not run). The caller calls [`Dispatch::finished`] for each.
+    pub(crate) fn take_queued(&self) -> Vec<Queued> {
+        self.queue().drain(..).collect()
     }
 
     /// The shutdown grace is over: deliveries not started yet are requeued,

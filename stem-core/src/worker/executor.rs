@@ -7,7 +7,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use super::Runtime;
 use super::completer::{Completion, Settle};
+use super::dispatch::Queued;
 use crate::backend::{FailureKind, TaskFailure, TaskRecord, TaskState};
 use crate::broker::{DeadLetterRequest, Nack, Receipt};
 use crate::context::Context;
@@ -38,17 +39,39 @@ enum Outcome {
 /// One executor slot: runs the deliveries the fetcher hands over, one at
 /// a time. Ends when the fetcher is gone and nothing is left to run.
 pub(crate) async fn slot(rt: Arc<Runtime>) {
-    while let Some(mut ctx) = rt.dispatch.next().await {
+    while let Some(Queued { mut ctx, renewed }) = rt.dispatch.next().await {
         if rt.dispatch.is_aborted() {
             super::fetcher::requeue_one(&rt, ctx.take_receipt());
-        } else {
-            execute(&rt, ctx).await;
+        } else if let Some(renewed) = still_leased(&rt, &ctx, renewed).await {
+            execute(&rt, ctx, renewed).await;
         }
         rt.dispatch.finished();
     }
 }
 
-async fn execute(rt: &Runtime, ctx: Context) {
+/// A delivery that waited in the queue longer than the keeper allows
+/// (the keeper fell behind) has its lease renewed before it runs; `None`
+/// when the lease is lost (another consumer has the task: not run here).
+/// Returns when the lease was last renewed.
+async fn still_leased(rt: &Runtime, ctx: &Context, renewed: Instant) -> Option<Instant> {
+    if renewed.elapsed() < super::fetcher::renew_period(rt.config.lease) {
+        return Some(renewed);
+    }
+    let now = Instant::now();
+    match rt.broker.extend_lease(ctx.receipt(), rt.config.lease).await {
+        Ok(()) => Some(now),
+        Err(BrokerError::LeaseLost { .. }) => {
+            tracing::warn!(task_id = %ctx.id(), "lease lost while the delivery waited for a slot; not run here (another consumer has it)");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(task_id = %ctx.id(), error = %e, "could not renew the lease of a waiting delivery; running it");
+            Some(renewed)
+        }
+    }
+}
+
+async fn execute(rt: &Runtime, ctx: Context, renewed: Instant) {
     let envelope = ctx.envelope();
     let span = tracing::info_span!(
         "stem.task",
@@ -57,10 +80,10 @@ async fn execute(rt: &Runtime, ctx: Context) {
         task.attempt = envelope.attempt + 1,
         task.queue = %envelope.queue,
     );
-    run_delivery(rt, ctx).instrument(span).await;
+    run_delivery(rt, ctx, renewed).instrument(span).await;
 }
 
-async fn run_delivery(rt: &Runtime, mut ctx: Context) {
+async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
     let envelope = ctx.envelope();
     // The clock is read only when something needs it: an expiry to check
     // or records to write (`started_at` goes nowhere without a backend).
@@ -147,7 +170,7 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context) {
         let _ = rt.completions.send(Completion::record(started));
     }
 
-    let outcome = run_with_lease(rt, entry, ctx.receipt(), future, at_most_once).await;
+    let outcome = run_with_lease(rt, entry, ctx.receipt(), future, at_most_once, renewed).await;
     // The handler's future is gone: the receipt comes back without a copy
     // unless the task kept a clone of its context.
     let settle_receipt = if at_most_once {
@@ -208,6 +231,7 @@ async fn run_with_lease(
     receipt: &Receipt,
     future: crate::registry::HandlerFuture,
     at_most_once: bool,
+    renewed: Instant,
 ) -> Outcome {
     let lease = entry.lease_or(rt.config.lease);
     if !at_most_once
@@ -237,8 +261,10 @@ async fn run_with_lease(
     if let Poll::Ready(r) = futures::poll!(timed.as_mut()) {
         return finished(r);
     }
-    let period = (lease / 3).max(Duration::from_millis(20));
-    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    // The first renewal is due a period after the last one (the claim or
+    // the queue keeper's), not after the start.
+    let period = super::fetcher::renew_period(lease);
+    let mut keepalive = tokio::time::interval_at((renewed + period).into(), period);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

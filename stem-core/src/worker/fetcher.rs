@@ -1,11 +1,13 @@
-//! The fetcher: claims as many deliveries as there are free executor
-//! slots (up to the prefetch), filters revoked ones in one backend call, and
-//! hands the batch to the slots (see `dispatch`). It stops at shutdown and
-//! never drops a leased delivery.
+//! The fetcher: claims deliveries in batches to keep up to `prefetch` of
+//! them held (running or queued for a slot), filters revoked ones in one
+//! backend call, and hands the batch to the slots (see `dispatch`). It
+//! stops at shutdown, hands back what was queued and not started, and
+//! never drops a leased delivery. The queue keeper renews the leases of
+//! deliveries that wait in the queue.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 
@@ -14,17 +16,61 @@ use super::completer::{Completion, Settle};
 use crate::backend::{TaskRecord, TaskState};
 use crate::broker::{Delivery, FetchRequest, Nack, Receipt};
 use crate::context::Context;
+use crate::error::BrokerError;
 
 pub(crate) async fn run(rt: Arc<Runtime>) {
     fetch_loop(&rt).await;
-    // Slots finish what was handed to them, then end.
+    // Slots finish what they run, then end; what waits for a slot goes
+    // back to the broker without charging an attempt.
     rt.dispatch.close();
+    let queued = rt.dispatch.take_queued();
+    if !queued.is_empty() {
+        tracing::debug!(
+            count = queued.len(),
+            "shutdown: requeueing deliveries that had not started"
+        );
+    }
+    for mut t in queued {
+        requeue_one(&rt, t.ctx.take_receipt());
+        rt.dispatch.finished();
+    }
     tracing::debug!("fetcher stopped");
+}
+
+/// Renews the leases of deliveries waiting in the queue for a slot, so a
+/// delivery prefetched behind slow tasks is not re-delivered elsewhere
+/// while it waits. Ends at shutdown (the queue is handed back then).
+pub(crate) async fn keep_queued(rt: Arc<Runtime>) {
+    let lease = rt.config.lease;
+    let period = renew_period(lease);
+    loop {
+        tokio::select! {
+            () = rt.stop.cancelled() => return,
+            () = tokio::time::sleep(period / 2) => {}
+        }
+        for receipt in rt.dispatch.stale(period) {
+            match rt.broker.extend_lease(&receipt, lease).await {
+                Ok(()) => {}
+                Err(BrokerError::LeaseLost { .. }) => {
+                    if rt.dispatch.forget(&receipt) {
+                        tracing::warn!(task_id = %receipt.task_id, "lease of a queued delivery lost before it ran; dropped here (another consumer has it)");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(task_id = %receipt.task_id, error = %e, "could not renew the lease of a queued delivery; will retry");
+                }
+            }
+        }
+    }
+}
+
+/// How often a lease is renewed: every third of its length.
+pub(crate) fn renew_period(lease: Duration) -> Duration {
+    (lease / 3).max(Duration::from_millis(20))
 }
 
 async fn fetch_loop(rt: &Runtime) {
     let dispatch = &rt.dispatch;
-    let prefetch = rt.config.prefetch;
     let mut backoff = Duration::from_millis(50);
     let mut req = FetchRequest {
         queues: rt.config.queues.clone(),
@@ -43,10 +89,20 @@ async fn fetch_loop(rt: &Runtime) {
             }
             continue;
         }
-        // When busy, slots free up one at a time; claiming each alone would
-        // cost the broker a round trip per task. Wait a moment for half a
-        // batch to gather (never when idle: then every slot is free).
-        let want = dispatch.batch().min(prefetch);
+        // When busy, deliveries finish one at a time; claiming each alone
+        // would cost the broker a round trip per task. While every slot has
+        // work (running or queued), wait for half the window to free up;
+        // when a slot is idle, wait a moment at most (never when the worker
+        // is idle: then the whole window is free).
+        let want = dispatch.batch();
+        if free < want && dispatch.slots_busy() {
+            tokio::select! {
+                biased;
+                () = rt.stop.cancelled() => return,
+                () = dispatch.freed() => {}
+            }
+            continue;
+        }
         if free < want {
             let gather = tokio::time::sleep(GATHER);
             tokio::pin!(gather);
@@ -59,7 +115,8 @@ async fn fetch_loop(rt: &Runtime) {
             }
             free = dispatch.free();
         }
-        req.max = free.min(prefetch);
+        req.max = free;
+        let leased_at = Instant::now();
         // Shutdown does not wait for an idle fetch to time out: the fetch is
         // dropped. Adapters' fetches lose nothing when dropped while they
         // wait; one dropped mid-claim leaves its claims leased until the
@@ -111,6 +168,7 @@ async fn fetch_loop(rt: &Runtime) {
             deliveries
                 .into_iter()
                 .map(|d| Context::for_delivery(d, &rt.ctx_shared)),
+            leased_at,
         );
     }
 }

@@ -49,7 +49,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{WorkerArgs, WorkerConfig, default_worker_id, host_name};
+pub use config::{PREFETCH_PER_SLOT, WorkerArgs, WorkerConfig, default_worker_id, host_name};
 
 use crate::backend::ResultBackend;
 use crate::broker::Broker;
@@ -183,17 +183,22 @@ impl WorkerBuilder {
         self
     }
 
-    /// Tasks run at once.
+    /// Tasks run at once. Unless [`WorkerBuilder::prefetch`] is set, the
+    /// prefetch follows: [`PREFETCH_PER_SLOT`] deliveries per slot.
     #[must_use]
     pub fn concurrency(mut self, n: usize) -> Self {
         self.config.concurrency = n;
         if !self.prefetch_set {
-            self.config.prefetch = n;
+            self.config.prefetch = n.saturating_mul(PREFETCH_PER_SLOT);
         }
         self
     }
 
-    /// Deliveries claimed per fetch at most.
+    /// Deliveries the worker holds leased at most, running or waiting for
+    /// a slot (at least the concurrency). More than the concurrency lets a
+    /// slot that finishes start the next task at once and lets the worker
+    /// claim in batches; fewer spreads work more evenly over many workers
+    /// when tasks are slow. Equal to the concurrency: no task waits.
     #[must_use]
     pub fn prefetch(mut self, n: usize) -> Self {
         self.config.prefetch = n;
@@ -333,7 +338,7 @@ impl Worker {
             known_names: names.join(", "),
             worker_id,
             ctx_shared,
-            dispatch: dispatch::Dispatch::new(concurrency, prefetch / 2),
+            dispatch: dispatch::Dispatch::new(concurrency, prefetch),
             stop: CancellationToken::new(),
             abort,
             completions: tx,

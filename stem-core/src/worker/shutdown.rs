@@ -31,6 +31,7 @@ pub(crate) async fn supervise(
     ));
     let maintenance = tokio::spawn(maintenance::run(Arc::clone(&rt)));
     let fetcher = tokio::spawn(fetcher::run(Arc::clone(&rt)));
+    let keeper = tokio::spawn(fetcher::keep_queued(Arc::clone(&rt)));
 
     rt.stop.cancelled().await;
     if let Err(e) = fetcher.await {
@@ -53,6 +54,9 @@ pub(crate) async fn supervise(
         rt.dispatch.abort();
         rt.abort.cancel();
         rt.tracker.wait().await;
+    }
+    if let Err(e) = keeper.await {
+        tracing::error!(error = %e, "queue keeper ended abnormally");
     }
     if let Err(e) = maintenance.await {
         tracing::error!(error = %e, "maintenance ended abnormally");
