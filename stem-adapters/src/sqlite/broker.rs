@@ -792,14 +792,11 @@ impl Broker for SqliteBroker {
                         env.last_error = None;
                     }
                     let payload = env.encode().map_err(|e| Fail::Other(e.into()))?;
-                    let inserted = c
-                        .prepare_cached("INSERT OR IGNORE INTO stem_jobs (ns, id, queue, priority, state, due_ms, payload) VALUES (?1, ?2, ?3, ?4, 0, 0, ?5)")?
+                    c.prepare_cached("INSERT INTO stem_jobs (ns, id, queue, priority, state, due_ms, payload) VALUES (?1, ?2, ?3, ?4, 0, 0, ?5)")?
                         .execute(params![ns, env.id.to_string(), env.queue, i64::from(env.priority), payload])?;
-                    if inserted == 1 {
-                        c.prepare_cached("DELETE FROM stem_dead WHERE seq = ?1")?
-                            .execute(params![seq])?;
-                        replayed += 1;
-                    }
+                    c.prepare_cached("DELETE FROM stem_dead WHERE seq = ?1")?
+                        .execute(params![seq])?;
+                    replayed += 1;
                 }
                 Ok(replayed)
             })
