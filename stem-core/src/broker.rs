@@ -1,6 +1,7 @@
 //! The [`Broker`] trait: what every message transport promises
 //! (see CONTRACT.md, clauses B1..B18), and the types its calls use.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -62,8 +63,9 @@ pub struct Receipt {
 /// One envelope handed to a consumer under a lease.
 #[derive(Clone, Debug)]
 pub struct Delivery {
-    /// The envelope.
-    pub envelope: Envelope,
+    /// The envelope, shared: a broker that keeps it for redelivery (the
+    /// in-memory one) hands out the same allocation instead of a copy.
+    pub envelope: Arc<Envelope>,
     /// The lease.
     pub receipt: Receipt,
     /// How many times this envelope has been delivered, this one included.

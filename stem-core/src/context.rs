@@ -128,7 +128,7 @@ pub struct Context {
 /// shares lives behind `shared`, so a worker builds a context with one
 /// allocation and no copies of the envelope.
 struct ContextInner {
-    envelope: Envelope,
+    envelope: Arc<Envelope>,
     receipt: Receipt,
     delivery_count: u32,
     shared: Arc<ContextShared>,
@@ -191,7 +191,7 @@ impl Context {
             cancel,
             worker_id: Arc::from(worker_id),
         });
-        Self::with_shared(envelope, receipt, delivery_count, shared)
+        Self::with_shared(Arc::new(envelope), receipt, delivery_count, shared)
     }
 
     /// A delivery's context whose worker-wide parts are shared (the
@@ -206,7 +206,7 @@ impl Context {
     }
 
     fn with_shared(
-        envelope: Envelope,
+        envelope: Arc<Envelope>,
         receipt: Receipt,
         delivery_count: u32,
         shared: Arc<ContextShared>,

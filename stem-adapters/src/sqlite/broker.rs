@@ -421,7 +421,7 @@ impl SqliteBroker {
                         tag: row.seq.to_string(),
                     },
                     delivery_count: u32::try_from(row.deliveries).unwrap_or(u32::MAX),
-                    envelope,
+                    envelope: Arc::new(envelope),
                 }),
                 Err(e) => garbage.push((row, e.to_string())),
             }

@@ -437,7 +437,7 @@ pub async fn b06_nack_and_dead_letter(f: &dyn AdapterFactory) {
 
         // nack(delay) with a replacement envelope.
         if caps.delay {
-            let mut replacement = again[0].envelope.clone();
+            let mut replacement = Envelope::clone(&again[0].envelope);
             replacement.attempt = 1;
             replacement.last_error = Some(String::from("boom"));
             let delay = Duration::from_millis(500);

@@ -218,7 +218,7 @@ fn skip_revoked(rt: &Runtime, delivery: Delivery) {
         envelope, receipt, ..
     } = delivery;
     let mut rec = TaskRecord::new(envelope.id, TaskState::Revoked);
-    rec.name = Some(envelope.name);
+    rec.name = Some(envelope.name.clone());
     rec.attempts = envelope.attempt;
     rec.worker_id = Some(rt.worker_id.to_string());
     rec.group_id = envelope.group_id;
