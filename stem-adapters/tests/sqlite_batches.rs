@@ -118,3 +118,57 @@ async fn a_failing_write_in_a_group_commit_rolls_back_alone() {
     );
     assert_eq!(b.stats("q2").await.unwrap().ready, 40);
 }
+
+/// A batch mixing rows with and without unique keys (stored through
+/// multi-row INSERTs between the unique ones) keeps its order, answers a
+/// duplicate at the right position, and stores every other row once.
+#[tokio::test]
+async fn publish_many_keeps_order_and_unique_answers_across_multi_row_inserts() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = SqliteBroker::open(dir.path().join("mixed.db"), SqliteOptions::default())
+        .await
+        .unwrap();
+    let keyed = |i: u32, key: &str| {
+        let mut e = Envelope::new("t", "q", serde_json::json!({ "i": i })).unwrap();
+        e.unique = Some(stem_core::Unique {
+            key: key.to_owned(),
+            until: e.enqueued_at + chrono::Duration::minutes(5),
+            release: stem_core::UniqueRelease::Window,
+        });
+        e
+    };
+    let holder = keyed(10_000, "k");
+    let holder_id = holder.id;
+    b.publish(holder).await.unwrap();
+    // 0..150 plain, except 70 (duplicate of the held key) and 71 (a new key).
+    let envs: Vec<Envelope> = (0..150)
+        .map(|i| match i {
+            70 => keyed(i, "k"),
+            71 => keyed(i, "fresh"),
+            _ => Envelope::new("t", "q", serde_json::json!({ "i": i })).unwrap(),
+        })
+        .collect();
+    let ids: Vec<_> = envs.iter().map(|e| e.id).collect();
+    let out = b.publish_many(envs).await.unwrap();
+    assert_eq!(out.len(), 150);
+    for (i, p) in out.iter().enumerate() {
+        if i == 70 {
+            assert_eq!(*p, stem_core::Published::Duplicate(holder_id));
+        } else {
+            assert_eq!(*p, stem_core::Published::Stored(ids[i]), "{i}");
+        }
+    }
+    let got = b.fetch(&FetchRequest::new(["q"], 1000)).await.unwrap();
+    let order: Vec<u64> = got
+        .iter()
+        .map(|d| {
+            serde_json::from_str::<serde_json::Value>(d.envelope.args.get()).unwrap()["i"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let expected: Vec<u64> = std::iter::once(10_000)
+        .chain((0..150).filter(|i| *i != 70))
+        .collect();
+    assert_eq!(order, expected, "stored once each, in publish order");
+}
