@@ -203,7 +203,8 @@ pub(crate) fn connect(path: &Path, opts: &SqliteOptions) -> Result<Connection, D
     conn.pragma_update(None, "cache_size", -4096)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.pragma_update(None, "foreign_keys", false)?;
-    conn.set_prepared_statement_cache_capacity(64);
+    // Claims cache a statement per (queue, limit) in use (see the broker).
+    conn.set_prepared_statement_cache_capacity(256);
     Ok(conn)
 }
 
