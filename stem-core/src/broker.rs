@@ -52,8 +52,9 @@ pub struct Capabilities {
 pub struct Receipt {
     /// The task.
     pub task_id: TaskId,
-    /// The queue it was fetched from.
-    pub queue: String,
+    /// The queue it was fetched from (shared: brokers hand out one name
+    /// per queue instead of a copy per delivery).
+    pub queue: Arc<str>,
     /// The fencing token of this lease.
     pub token: u64,
     /// Adapter-private data (e.g. a stream entry id); empty when unused.

@@ -240,7 +240,7 @@ impl Context {
             Some(inner) => {
                 let stub = Receipt {
                     task_id: inner.receipt.task_id,
-                    queue: String::new(),
+                    queue: Arc::clone(&inner.receipt.queue),
                     token: inner.receipt.token,
                     tag: String::new(),
                 };

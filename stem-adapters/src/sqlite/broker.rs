@@ -490,12 +490,13 @@ impl SqliteBroker {
             .await?;
         let mut out = Vec::with_capacity(rows.len());
         let mut garbage = Vec::new();
+        let names: Vec<Arc<str>> = queues.iter().map(|q| Arc::from(q.as_str())).collect();
         for row in rows {
             match Envelope::decode(&row.payload) {
                 Ok(envelope) => out.push(Delivery {
                     receipt: Receipt {
                         task_id: envelope.id,
-                        queue: queues[row.queue].clone(),
+                        queue: Arc::clone(&names[row.queue]),
                         token: u64::try_from(row.token).unwrap_or(0),
                         tag: row.seq.to_string(),
                     },

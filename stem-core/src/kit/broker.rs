@@ -810,7 +810,7 @@ pub async fn b10_many_queues(f: &dyn AdapterFactory) {
             let got = fetch(&*b, &req(&queues, 1, LONG_LEASE)).await;
             assert_eq!(got.len(), 1);
             assert_eq!(
-                got[0].receipt.queue, got[0].envelope.queue,
+                &*got[0].receipt.queue, got[0].envelope.queue,
                 "the receipt names the queue"
             );
             served.push(got[0].envelope.queue.clone());

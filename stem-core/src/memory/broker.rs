@@ -680,7 +680,7 @@ impl Core {
                 envelope: Arc::clone(envelope),
                 receipt: Receipt {
                     task_id: envelope.id,
-                    queue: queue.to_string(),
+                    queue: Arc::clone(queue),
                     token,
                     tag: String::new(),
                 },
