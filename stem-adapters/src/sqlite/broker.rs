@@ -84,8 +84,8 @@ const INSERT_JOB: &str = "INSERT INTO stem_jobs (ns, id, queue, priority, state,
 /// values of bound equality and `LIMIT` parameters, so a statement that
 /// rebinds them is prepared again on every run (its re-prepare counter
 /// went up once per claim; 5% of the writer thread in a drain profile).
-/// One cached statement per (queue, limit) in use instead; both strings
-/// are quoted as SQL literals.
+/// One cached statement per (queue, limit) in use instead, limits being
+/// powers of two (see the claim); both strings are quoted as SQL literals.
 fn claim_sql(ns: &str, queue: &str, limit: usize) -> String {
     format!(
         "UPDATE stem_jobs SET state = 2, due_ms = ?1, token = token + 1, deliveries = deliveries + 1 \
@@ -94,6 +94,14 @@ fn claim_sql(ns: &str, queue: &str, limit: usize) -> String {
         sql_literal(ns),
         sql_literal(queue)
     )
+}
+
+/// `n` as powers of two, largest first (`13` -> `8, 4, 1`).
+fn power_of_two_pieces(n: usize) -> impl Iterator<Item = usize> {
+    (0..usize::BITS)
+        .rev()
+        .map(|b| 1usize << b)
+        .filter(move |p| n & p != 0)
 }
 
 /// `s` as an SQL string literal: in single quotes, each quote doubled
@@ -460,22 +468,36 @@ impl SqliteBroker {
                             remaining
                         };
                         let qi = (start + i) % n;
-                        let mut claim = c.prepare_cached(&claim_sql(&ns, &queues[qi], take))?;
-                        let mut rows = claim.query(params![lease_until])?;
                         let mut part = Vec::with_capacity(take);
-                        while let Some(r) = rows.next()? {
-                            let priority: i64 = r.get(2)?;
-                            part.push((
-                                std::cmp::Reverse(priority),
-                                Claimed {
-                                    seq: r.get(0)?,
-                                    id: r.get(1)?,
-                                    queue: qi,
-                                    token: r.get(3)?,
-                                    deliveries: r.get(4)?,
-                                    payload: r.get(5)?,
-                                },
-                            ));
+                        // A power-of-two piece at a time, largest first, so
+                        // a queue has a claim statement per power of two in
+                        // use (a handful), not one per count; the usual
+                        // claim (half the prefetch) is one piece. Each
+                        // piece takes the best rows left, so the whole is
+                        // still the best `take` rows.
+                        for piece in power_of_two_pieces(take) {
+                            let mut claim =
+                                c.prepare_cached(&claim_sql(&ns, &queues[qi], piece))?;
+                            let mut rows = claim.query(params![lease_until])?;
+                            let mut got = 0;
+                            while let Some(r) = rows.next()? {
+                                got += 1;
+                                let priority: i64 = r.get(2)?;
+                                part.push((
+                                    std::cmp::Reverse(priority),
+                                    Claimed {
+                                        seq: r.get(0)?,
+                                        id: r.get(1)?,
+                                        queue: qi,
+                                        token: r.get(3)?,
+                                        deliveries: r.get(4)?,
+                                        payload: r.get(5)?,
+                                    },
+                                ));
+                            }
+                            if got < piece {
+                                break; // the queue has no more ready rows
+                            }
                         }
                         // RETURNING gives no order: restore priority, then enqueue order.
                         part.sort_by_key(|(p, row)| (*p, row.seq));
@@ -748,12 +770,14 @@ impl Broker for SqliteBroker {
             None => (None, None),
         };
         let ns = self.ns.clone();
+        // The token moves on: the nacked receipt is spent, so a late
+        // extend or ack with it cannot lease the row again.
         let changed = self
             .write(move |c| {
                 Ok(c.prepare_cached(concat!(
                     "UPDATE stem_jobs SET state = ?1, due_ms = ",
                     now_sql!(),
-                    " + ?2, payload = COALESCE(?3, payload), priority = COALESCE(?4, priority) \
+                    " + ?2, token = token + 1, payload = COALESCE(?3, payload), priority = COALESCE(?4, priority) \
                      WHERE seq = ?5 AND ns = ?6 AND token = ?7 AND state IN (0, 2)"
                 ))?
                 .execute(params![state, delay, payload, priority, seq, ns, token])?)
@@ -1064,6 +1088,13 @@ impl Broker for SqliteBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_split_into_powers_of_two_largest_first() {
+        assert_eq!(power_of_two_pieces(13).collect::<Vec<_>>(), [8, 4, 1]);
+        assert_eq!(power_of_two_pieces(32).collect::<Vec<_>>(), [32]);
+        assert_eq!(power_of_two_pieces(0).count(), 0);
+    }
 
     #[test]
     fn sql_literals_double_quotes() {

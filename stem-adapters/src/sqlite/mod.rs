@@ -22,6 +22,11 @@
 //! publish survives a process crash; the last transactions before a power
 //! loss may not (use `?synchronous=full` to trade speed for that).
 //!
+//! Jobs are found by their row number (receipts carry it), never by task
+//! id, and the id is not a unique key: publishing the same envelope twice
+//! stores it twice, as the in-memory broker does. Use a unique key
+//! (`unique_for`) to deduplicate publishes.
+//!
 //! # Time
 //! Delays are kept relative to the publish (`not_before - enqueued_at`), so
 //! a producer with a wrong clock cannot make delayed work run early; leases

@@ -430,6 +430,22 @@ pub async fn b06_nack_and_dead_letter(f: &dyn AdapterFactory) {
         b.nack(&got[0].receipt, Nack::after(Duration::ZERO))
             .await
             .expect("nack now");
+        // The nacked receipt is spent: a late renewal or ack with it
+        // neither leases the envelope again nor removes it.
+        assert!(
+            matches!(
+                b.extend_lease(&got[0].receipt, LONG_LEASE).await,
+                Err(BrokerError::LeaseLost { .. })
+            ),
+            "extend with a nacked receipt"
+        );
+        assert!(
+            matches!(
+                b.ack(&got[0].receipt).await,
+                Err(BrokerError::LeaseLost { .. })
+            ),
+            "ack with a nacked receipt"
+        );
         let again = fetch_n(&*b, &["nack"], 1, LONG_LEASE, Duration::from_secs(2)).await;
         assert_eq!(again.len(), 1, "nack(0) makes it deliverable at once");
         assert_eq!(again[0].envelope.id, id);

@@ -22,7 +22,8 @@ pub struct WorkerConfig {
     pub prefetch: usize,
     /// Time in-flight tasks get to finish after a shutdown signal.
     pub shutdown_grace: Duration,
-    /// Lease given to each delivery; kept alive while the task runs.
+    /// Lease given to each delivery; renewed while it waits for a slot and
+    /// while its task runs.
     pub lease: Duration,
     /// Longest a fetch waits for work before trying again.
     pub poll_interval: Duration,

@@ -18,8 +18,9 @@
 //!
 //! Queued deliveries are leased like running ones: each carries the time
 //! its lease was last renewed, the keeper (`keep_queued`) renews those that
-//! wait longer than a third of the lease, and at shutdown whatever is still
-//! queued is handed back to be requeued rather than run.
+//! wait longer than a third of the lease, a slot renews one the keeper has
+//! not reached before running it, and from shutdown on whatever is still
+//! queued is requeued rather than run.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -34,9 +35,12 @@ use crate::context::Context;
 /// A delivery waiting for a slot.
 pub(crate) struct Queued {
     pub(crate) ctx: Context,
-    /// When its lease was granted or last renewed (read before the call
-    /// that did it, so never later than the broker's own reckoning).
+    /// When its lease was last known good: read before the claim or the
+    /// successful renewal, so never later than the broker's own reckoning.
     pub(crate) renewed: Instant,
+    /// The keeper is renewing it now (`renewed` is updated only once that
+    /// succeeds).
+    renewing: bool,
 }
 
 pub(crate) struct Dispatch {
@@ -119,8 +123,11 @@ impl Dispatch {
             return;
         }
         self.in_flight.fetch_add(n, Ordering::AcqRel);
-        self.queue()
-            .extend(tasks.map(|ctx| Queued { ctx, renewed }));
+        self.queue().extend(tasks.map(|ctx| Queued {
+            ctx,
+            renewed,
+            renewing: false,
+        }));
         self.wake_one();
     }
 
@@ -188,17 +195,32 @@ impl Dispatch {
     }
 
     /// Receipts of queued deliveries whose lease was last renewed `period`
-    /// or more ago, marked renewed now: the caller renews them.
+    /// or more ago, marked as being renewed: the caller renews each and
+    /// reports with [`Dispatch::renewal_done`]. A slot that pops one
+    /// meanwhile sees its old `renewed` and renews it itself.
     pub(crate) fn stale(&self, period: Duration) -> Vec<Receipt> {
         let now = Instant::now();
         let mut q = self.queue();
         q.iter_mut()
-            .filter(|t| now.duration_since(t.renewed) >= period)
+            .filter(|t| !t.renewing && now.duration_since(t.renewed) >= period)
             .map(|t| {
-                t.renewed = now;
+                t.renewing = true;
                 t.ctx.receipt().clone()
             })
             .collect()
+    }
+
+    /// A renewal from [`Dispatch::stale`] ended: `Some(at)` when it
+    /// succeeded (`at` read before the call), `None` when it failed (the
+    /// next look tries again).
+    pub(crate) fn renewal_done(&self, receipt: &Receipt, at: Option<Instant>) {
+        let mut q = self.queue();
+        if let Some(t) = q.iter_mut().find(|t| t.ctx.receipt() == receipt) {
+            t.renewing = false;
+            if let Some(at) = at {
+                t.renewed = at;
+            }
+        }
     }
 
     /// Drops a queued delivery whose lease turned out lost; `true` when it
@@ -207,10 +229,7 @@ impl Dispatch {
         let removed = {
             let mut q = self.queue();
             q.iter()
-                .position(|t| {
-                    let r = t.ctx.receipt();
-                    r.token == receipt.token && r.task_id == receipt.task_id
-                })
+                .position(|t| t.ctx.receipt() == receipt)
                 .and_then(|i| q.remove(i))
         };
         let found = removed.is_some();

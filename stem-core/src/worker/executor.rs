@@ -39,8 +39,12 @@ enum Outcome {
 /// One executor slot: runs the deliveries the fetcher hands over, one at
 /// a time. Ends when the fetcher is gone and nothing is left to run.
 pub(crate) async fn slot(rt: Arc<Runtime>) {
-    while let Some(Queued { mut ctx, renewed }) = rt.dispatch.next().await {
-        if rt.dispatch.is_aborted() {
+    while let Some(Queued {
+        mut ctx, renewed, ..
+    }) = rt.dispatch.next().await
+    {
+        // From shutdown on, nothing new starts: it goes back to the queue.
+        if rt.dispatch.is_aborted() || rt.stop.is_cancelled() {
             super::fetcher::requeue_one(&rt, ctx.take_receipt());
         } else if let Some(renewed) = still_leased(&rt, &ctx, renewed).await {
             execute(&rt, ctx, renewed).await;
@@ -49,23 +53,31 @@ pub(crate) async fn slot(rt: Arc<Runtime>) {
     }
 }
 
-/// A delivery that waited in the queue longer than the keeper allows
-/// (the keeper fell behind) has its lease renewed before it runs; `None`
-/// when the lease is lost (another consumer has the task: not run here).
-/// Returns when the lease was last renewed.
+/// A delivery that waited in the queue a renewal period or more (the
+/// keeper has not renewed it, or is doing it now) has its lease renewed
+/// before it runs. `None` when it must not run here: the lease is lost
+/// (another consumer has the task), or could not be renewed and has run
+/// out (it is left for redelivery). Returns when the lease was last known
+/// good.
 async fn still_leased(rt: &Runtime, ctx: &Context, renewed: Instant) -> Option<Instant> {
-    if renewed.elapsed() < super::fetcher::renew_period(rt.config.lease) {
+    let lease = rt.config.lease;
+    let waited = renewed.elapsed();
+    if waited < super::fetcher::renew_period(lease) {
         return Some(renewed);
     }
     let now = Instant::now();
-    match rt.broker.extend_lease(ctx.receipt(), rt.config.lease).await {
+    match rt.broker.extend_lease(ctx.receipt(), lease).await {
         Ok(()) => Some(now),
         Err(BrokerError::LeaseLost { .. }) => {
             tracing::warn!(task_id = %ctx.id(), "lease lost while the delivery waited for a slot; not run here (another consumer has it)");
             None
         }
+        Err(e) if waited >= lease => {
+            tracing::warn!(task_id = %ctx.id(), error = %e, "the lease of a waiting delivery ran out and could not be renewed; not run here (it will be delivered again)");
+            None
+        }
         Err(e) => {
-            tracing::warn!(task_id = %ctx.id(), error = %e, "could not renew the lease of a waiting delivery; running it");
+            tracing::warn!(task_id = %ctx.id(), error = %e, "could not renew the lease of a waiting delivery; running it while the lease lasts");
             Some(renewed)
         }
     }

@@ -20,8 +20,13 @@ use crate::error::BrokerError;
 
 pub(crate) async fn run(rt: Arc<Runtime>) {
     fetch_loop(&rt).await;
-    // Slots finish what they run, then end; what waits for a slot goes
-    // back to the broker without charging an attempt.
+    tracing::debug!("fetcher stopped");
+}
+
+/// Shutdown, once the fetcher and the keeper have stopped (so no renewal
+/// races the requeue): slots finish what they run, then end; what waits
+/// for a slot goes back to the broker without charging an attempt.
+pub(crate) fn hand_back_queued(rt: &Runtime) {
     rt.dispatch.close();
     let queued = rt.dispatch.take_queued();
     if !queued.is_empty() {
@@ -31,10 +36,9 @@ pub(crate) async fn run(rt: Arc<Runtime>) {
         );
     }
     for mut t in queued {
-        requeue_one(&rt, t.ctx.take_receipt());
+        requeue_one(rt, t.ctx.take_receipt());
         rt.dispatch.finished();
     }
-    tracing::debug!("fetcher stopped");
 }
 
 /// Renews the leases of deliveries waiting in the queue for a slot, so a
@@ -49,8 +53,12 @@ pub(crate) async fn keep_queued(rt: Arc<Runtime>) {
             () = tokio::time::sleep(period / 2) => {}
         }
         for receipt in rt.dispatch.stale(period) {
+            if rt.stop.is_cancelled() {
+                return;
+            }
+            let at = Instant::now();
             match rt.broker.extend_lease(&receipt, lease).await {
-                Ok(()) => {}
+                Ok(()) => rt.dispatch.renewal_done(&receipt, Some(at)),
                 Err(BrokerError::LeaseLost { .. }) => {
                     if rt.dispatch.forget(&receipt) {
                         tracing::warn!(task_id = %receipt.task_id, "lease of a queued delivery lost before it ran; dropped here (another consumer has it)");
@@ -58,6 +66,7 @@ pub(crate) async fn keep_queued(rt: Arc<Runtime>) {
                 }
                 Err(e) => {
                     tracing::warn!(task_id = %receipt.task_id, error = %e, "could not renew the lease of a queued delivery; will retry");
+                    rt.dispatch.renewal_done(&receipt, None);
                 }
             }
         }

@@ -37,9 +37,12 @@ pub(crate) async fn supervise(
     if let Err(e) = fetcher.await {
         tracing::error!(error = %e, "fetcher ended abnormally");
     }
-    // The fetcher closes the hand-off when it ends; again here in case it
-    // ended abnormally, so the executor slots still finish.
-    rt.dispatch.close();
+    if let Err(e) = keeper.await {
+        tracing::error!(error = %e, "queue keeper ended abnormally");
+    }
+    // Neither claims nor renews any more: hand back what waits for a slot
+    // and let the slots end once they finish what they run.
+    fetcher::hand_back_queued(&rt);
     rt.tracker.close();
     let grace = rt.config.shutdown_grace;
     if tokio::time::timeout(grace, rt.tracker.wait())
@@ -54,9 +57,6 @@ pub(crate) async fn supervise(
         rt.dispatch.abort();
         rt.abort.cancel();
         rt.tracker.wait().await;
-    }
-    if let Err(e) = keeper.await {
-        tracing::error!(error = %e, "queue keeper ended abnormally");
     }
     if let Err(e) = maintenance.await {
         tracing::error!(error = %e, "maintenance ended abnormally");
