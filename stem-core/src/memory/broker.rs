@@ -9,7 +9,6 @@
 use std::cmp::{Ordering as CmpOrdering, Reverse};
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -293,65 +292,17 @@ struct UniqueHold {
     until: DateTime<Utc>,
 }
 
-/// The `FxHash` function (rustc's): a multiply and a rotate per word.
-/// The maps below are keyed by queue names and sequential lease tokens,
-/// which no outsider chooses, so `SipHash`'s flood resistance buys nothing
-/// here and its cost showed in profiles (a few lookups per task).
-#[derive(Clone, Copy, Default)]
-struct FxBuild;
-
-#[derive(Default)]
-struct FxHasher(u64);
-
-const FX_SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
-
-impl FxHasher {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(FX_SEED);
-    }
-}
-
-impl BuildHasher for FxBuild {
-    type Hasher = FxHasher;
-    fn build_hasher(&self) -> FxHasher {
-        FxHasher(0)
-    }
-}
-
-impl Hasher for FxHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(c);
-            self.add(u64::from_le_bytes(w));
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut w = [0u8; 8];
-            w[..rest.len()].copy_from_slice(rest);
-            self.add(u64::from_le_bytes(w));
-        }
-    }
-    fn write_u8(&mut self, n: u8) {
-        self.add(u64::from(n));
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.add(n);
-    }
-    fn write_usize(&mut self, n: usize) {
-        self.add(n as u64);
-    }
-}
+/// The hasher of the maps below: foldhash's fast one. They are keyed by
+/// queue names and sequential lease tokens, which no outsider chooses, so
+/// `SipHash`'s flood resistance buys nothing here and its cost showed in
+/// profiles (a few lookups per task).
+type FastHash = foldhash::fast::RandomState;
 
 #[derive(Default)]
 struct State {
-    queues: HashMap<Arc<str>, Queue, FxBuild>,
+    queues: HashMap<Arc<str>, Queue, FastHash>,
     /// Live leases by fencing token.
-    leases: HashMap<u64, Lease, FxBuild>,
+    leases: HashMap<u64, Lease, FastHash>,
     /// Lease deadlines, earliest first; entries whose lease was acked or
     /// extended are skipped when popped.
     expiries: BinaryHeap<Reverse<(Instant, u64)>>,

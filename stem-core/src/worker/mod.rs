@@ -130,7 +130,9 @@ pub(crate) struct Runtime {
     pub(crate) broker: Arc<dyn Broker>,
     pub(crate) backend: Option<Arc<dyn ResultBackend>>,
     pub(crate) config: WorkerConfig,
-    pub(crate) tasks: HashMap<&'static str, &'static TaskEntry>,
+    /// Looked up once per delivery: with foldhash, not `SipHash` (task
+    /// names come from this binary, not from outsiders).
+    pub(crate) tasks: HashMap<&'static str, &'static TaskEntry, foldhash::fast::RandomState>,
     pub(crate) known_names: String,
     /// The worker id, shared by every record and context.
     pub(crate) worker_id: Arc<str>,
@@ -334,7 +336,7 @@ impl Worker {
             backend: self.client.backend().cloned(),
             rates: rate::RateLimits::new(self.tasks.values().copied()),
             config: self.config,
-            tasks: self.tasks,
+            tasks: self.tasks.into_iter().collect(),
             known_names: names.join(", "),
             worker_id,
             ctx_shared,
