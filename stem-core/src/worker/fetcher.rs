@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use futures::StreamExt;
 
 use super::Runtime;
 use super::completer::{Completion, Settle};
@@ -52,23 +53,32 @@ pub(crate) async fn keep_queued(rt: Arc<Runtime>) {
             () = rt.stop.cancelled() => return,
             () = tokio::time::sleep(period / 2) => {}
         }
-        for receipt in rt.dispatch.stale(period) {
-            if rt.stop.is_cancelled() {
-                return;
+        // Several renewals at once: a full queue renews in a few round
+        // trips (on SQLite, concurrent writes share one commit).
+        futures::stream::iter(rt.dispatch.stale(period))
+            .for_each_concurrent(RENEWALS_AT_ONCE, |receipt| renew(&rt, receipt, lease))
+            .await;
+    }
+}
+
+/// Renewals the keeper has in flight at most.
+const RENEWALS_AT_ONCE: usize = 16;
+
+async fn renew(rt: &Runtime, receipt: Receipt, lease: Duration) {
+    if rt.stop.is_cancelled() {
+        return;
+    }
+    let at = Instant::now();
+    match rt.broker.extend_lease(&receipt, lease).await {
+        Ok(()) => rt.dispatch.renewal_done(&receipt, Some(at)),
+        Err(BrokerError::LeaseLost { .. }) => {
+            if rt.dispatch.forget(&receipt) {
+                tracing::warn!(task_id = %receipt.task_id, "lease of a queued delivery lost before it ran; dropped here (another consumer has it)");
             }
-            let at = Instant::now();
-            match rt.broker.extend_lease(&receipt, lease).await {
-                Ok(()) => rt.dispatch.renewal_done(&receipt, Some(at)),
-                Err(BrokerError::LeaseLost { .. }) => {
-                    if rt.dispatch.forget(&receipt) {
-                        tracing::warn!(task_id = %receipt.task_id, "lease of a queued delivery lost before it ran; dropped here (another consumer has it)");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(task_id = %receipt.task_id, error = %e, "could not renew the lease of a queued delivery; will retry");
-                    rt.dispatch.renewal_done(&receipt, None);
-                }
-            }
+        }
+        Err(e) => {
+            tracing::warn!(task_id = %receipt.task_id, error = %e, "could not renew the lease of a queued delivery; will retry");
+            rt.dispatch.renewal_done(&receipt, None);
         }
     }
 }
