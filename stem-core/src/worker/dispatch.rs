@@ -43,6 +43,9 @@ pub(crate) struct Queued {
     renewing: bool,
 }
 
+/// Aligned to its own cache lines: its counters change with every task,
+/// and the runtime fields next to it are read with every task.
+#[repr(align(128))]
 pub(crate) struct Dispatch {
     queue: Mutex<VecDeque<Queued>>,
     /// Slots wait here for work.

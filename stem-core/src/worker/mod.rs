@@ -100,7 +100,9 @@ pub struct WorkerReport {
     pub requeued: u64,
 }
 
+/// On cache lines of its own: bumped by every slot.
 #[derive(Default)]
+#[repr(align(128))]
 pub(crate) struct Counters {
     started: AtomicU64,
     succeeded: AtomicU64,
