@@ -127,6 +127,29 @@ async fn start(
         .start()
 }
 
+/// A consumer that keeps asking `queue` for work for `how_long` (taking
+/// what it gets under a 5 s lease); resolves to how many it got.
+fn rival_consumer(
+    stem: &Stem,
+    queue: &'static str,
+    how_long: Duration,
+) -> tokio::task::JoinHandle<usize> {
+    let broker = Arc::clone(stem.broker());
+    tokio::spawn(async move {
+        let mut stolen = 0;
+        let until = Instant::now() + how_long;
+        while Instant::now() < until {
+            stolen += broker
+                .fetch(&FetchRequest::new([queue], 10).lease(Duration::from_secs(5)))
+                .await
+                .unwrap()
+                .len();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        stolen
+    })
+}
+
 async fn stop(worker: WorkerHandle) -> stem::worker::WorkerReport {
     worker.shutdown();
     worker.join().await
@@ -295,20 +318,7 @@ async fn lease_extension_keeps_a_long_task_from_redelivery() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let broker = Arc::clone(stem.broker());
-    let rival = tokio::spawn(async move {
-        let mut stolen = 0;
-        let until = Instant::now() + Duration::from_millis(1200);
-        while Instant::now() < until {
-            let got = broker
-                .fetch(&FetchRequest::new(["long"], 10).lease(Duration::from_secs(5)))
-                .await
-                .unwrap();
-            stolen += got.len();
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        stolen
-    });
+    let rival = rival_consumer(&stem, "long", Duration::from_millis(1200));
     assert_eq!(handle.wait(Duration::from_secs(10)).await.unwrap(), 1);
     assert_eq!(
         rival.await.unwrap(),
@@ -401,20 +411,7 @@ async fn prefetched_deliveries_keep_their_leases_while_they_wait() {
         .await,
         "the worker prefetched all three"
     );
-    let broker = Arc::clone(stem.broker());
-    let rival = tokio::spawn(async move {
-        let mut stolen = 0;
-        let until = Instant::now() + Duration::from_millis(1000);
-        while Instant::now() < until {
-            stolen += broker
-                .fetch(&FetchRequest::new(["long"], 10).lease(Duration::from_secs(5)))
-                .await
-                .unwrap()
-                .len();
-            tokio::time::sleep(Duration::from_millis(30)).await;
-        }
-        stolen
-    });
+    let rival = rival_consumer(&stem, "long", Duration::from_millis(1000));
     for h in handles {
         h.wait(Duration::from_secs(10)).await.unwrap();
     }
