@@ -303,9 +303,12 @@ struct State {
     queues: HashMap<Arc<str>, Queue, FastHash>,
     /// Live leases by fencing token.
     leases: HashMap<u64, Lease, FastHash>,
-    /// Lease deadlines, earliest first; entries whose lease was acked or
-    /// extended are skipped when popped.
-    expiries: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Lease deadlines, earliest first, each for a run of consecutive
+    /// tokens `(deadline, first token, count)`: the deliveries of one fetch
+    /// share a deadline and get one entry, not one each (the heap's
+    /// sifting was two thirds of a fetch's own time in profiles). Leases
+    /// acked or extended since are skipped when their entry is popped.
+    expiries: BinaryHeap<Reverse<(Instant, u64, u64)>>,
     unique: HashMap<String, UniqueHold>,
     next_token: u64,
     next_seq: u64,
@@ -404,43 +407,45 @@ impl State {
 
     /// Requeues every envelope whose lease has expired (B2).
     fn rescue(&mut self, now: Instant) {
-        while let Some(Reverse((deadline, token))) = self.expiries.peek().copied() {
+        while let Some(Reverse((deadline, first, count))) = self.expiries.peek().copied() {
             if deadline > now {
                 break;
             }
             self.expiries.pop();
-            let expired = self.leases.get(&token).is_some_and(|l| l.deadline <= now);
-            if !expired {
-                continue;
+            for token in first..first.saturating_add(count) {
+                let expired = self.leases.get(&token).is_some_and(|l| l.deadline <= now);
+                if !expired {
+                    continue;
+                }
+                let Some(lease) = self.leases.remove(&token) else {
+                    continue;
+                };
+                tracing::debug!(task_id = %lease.task_id, queue = %lease.queue, "lease expired; requeued");
+                let priority = lease.envelope.priority;
+                let q = self.queue_mut(&lease.queue);
+                q.leased = q.leased.saturating_sub(1);
+                q.push_ready(
+                    priority,
+                    Entry {
+                        payload: Payload::Envelope(lease.envelope),
+                        deliveries: lease.deliveries,
+                    },
+                    true,
+                );
             }
-            let Some(lease) = self.leases.remove(&token) else {
-                continue;
-            };
-            tracing::debug!(task_id = %lease.task_id, queue = %lease.queue, "lease expired; requeued");
-            let priority = lease.envelope.priority;
-            let q = self.queue_mut(&lease.queue);
-            q.leased = q.leased.saturating_sub(1);
-            q.push_ready(
-                priority,
-                Entry {
-                    payload: Payload::Envelope(lease.envelope),
-                    deliveries: lease.deliveries,
-                },
-                true,
-            );
         }
     }
 
     /// Drops the deadlines of leases that were acked or extended since:
     /// they are skipped when popped anyway, but a busy queue would pile up
-    /// one per delivery until their lease time (30 s by default), a
-    /// million for a fast worker.
+    /// one per fetch until their lease time (30 s by default), a million
+    /// for a fast worker.
     fn compact_expiries(&mut self) {
         if self.expiries.len() > 2 * self.leases.len() + 1024 {
             self.expiries = self
                 .leases
                 .iter()
-                .map(|(token, l)| Reverse((l.deadline, *token)))
+                .map(|(token, l)| Reverse((l.deadline, *token, 1)))
                 .collect();
         }
     }
@@ -476,7 +481,7 @@ impl State {
         now_u: DateTime<Utc>,
         now_i: Instant,
     ) -> Option<Instant> {
-        let lease = self.expiries.peek().map(|Reverse((at, _))| *at);
+        let lease = self.expiries.peek().map(|Reverse((at, _, _))| *at);
         let delayed = queues
             .iter()
             .filter_map(|name| self.queues.get(name.as_str()))
@@ -644,9 +649,10 @@ impl Core {
             let woke_earlier = st
                 .expiries
                 .peek()
-                .is_none_or(|Reverse((at, _))| deadline < *at);
+                .is_none_or(|Reverse((at, _, _))| deadline < *at);
+            st.expiries
+                .push(Reverse((deadline, first_token, popped.len() as u64)));
             for ((queue, envelope, deliveries), token) in popped.into_iter().zip(first_token..) {
-                st.expiries.push(Reverse((deadline, token)));
                 st.leases.insert(
                     token,
                     Lease {
@@ -822,7 +828,7 @@ impl Broker for InMemoryBroker {
                 });
             }
         }
-        st.expiries.push(Reverse((deadline, receipt.token)));
+        st.expiries.push(Reverse((deadline, receipt.token, 1)));
         st.compact_expiries();
         Ok(())
     }
