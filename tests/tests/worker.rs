@@ -395,14 +395,14 @@ async fn prefetched_deliveries_keep_their_leases_while_they_wait() {
     })
     .await;
     let key = format!("prefetch-lease-{}", stem::TaskId::new());
-    let mut handles = Vec::new();
-    for _ in 0..3 {
-        handles.push(
-            long_runner::enqueue_on(&stem, key.clone(), 400)
-                .await
-                .unwrap(),
-        );
-    }
+    let handles = long_runner::with()
+        .on(&stem)
+        .enqueue_many((0..3).map(|_| long_runner::Args {
+            key: key.clone(),
+            millis: 400,
+        }))
+        .await
+        .unwrap();
     // Once the worker holds all three, a rival polls the queue.
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -434,11 +434,17 @@ async fn shutdown_requeues_prefetched_deliveries_without_running_them() {
     })
     .await;
     let key = format!("prefetch-stop-{}", stem::TaskId::new());
-    for _ in 0..4 {
-        long_runner::enqueue_on(&stem, key.clone(), 300)
-            .await
-            .unwrap();
-    }
+    // In one publish, so the idle worker claims all four at once (sent one
+    // by one, it may claim three and then, with a slot busy, wait for half
+    // its window to free before claiming again).
+    long_runner::with()
+        .on(&stem)
+        .enqueue_many((0..4).map(|_| long_runner::Args {
+            key: key.clone(),
+            millis: 300,
+        }))
+        .await
+        .unwrap();
     assert!(
         eventually(Duration::from_secs(5), || async {
             stem.broker().stats("long").await.unwrap().leased == 4
