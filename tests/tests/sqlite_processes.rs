@@ -80,6 +80,23 @@ fn setup(name: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
     (dir, db, ledger)
 }
 
+/// Workers started at the same moment on a file that does not exist yet
+/// race to create, switch to WAL and migrate it; none may give up.
+#[test]
+fn workers_started_together_on_a_new_file_all_start() {
+    for round in 0..3 {
+        let (_dir, db, ledger_path) = setup(&format!("together{round}"));
+        let workers: Vec<Proc> = (0..4)
+            .map(|_| spawn_worker(&db, &ledger_path, "10s"))
+            .collect();
+        std::thread::sleep(Duration::from_millis(700));
+        for w in workers {
+            // Exits 0 after SIGTERM only if it started.
+            w.terminate();
+        }
+    }
+}
+
 #[test]
 fn two_workers_and_a_producer_run_5000_tasks_exactly_once() {
     let (_dir, db, ledger_path) = setup("multi");

@@ -40,6 +40,8 @@ pub(crate) struct DbError {
     /// The database cannot be reached or locked (busy past the timeout,
     /// I/O, disk full, the writer gone): worth retrying later.
     pub(crate) unavailable: bool,
+    /// Busy or locked: another connection holds the lock right now.
+    pub(crate) busy: bool,
     pub(crate) reason: String,
 }
 
@@ -47,6 +49,7 @@ impl DbError {
     fn gone() -> Self {
         Self {
             unavailable: true,
+            busy: false,
             reason: String::from("the SQLite writer thread has stopped"),
         }
     }
@@ -65,8 +68,13 @@ impl From<rusqlite::Error> for DbError {
                     | ErrorCode::ReadOnly
             )
         );
+        let busy = matches!(
+            e.sqlite_error_code(),
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+        );
         Self {
             unavailable,
+            busy,
             reason: e.to_string(),
         }
     }
@@ -139,6 +147,7 @@ where
         let out = std::panic::catch_unwind(AssertUnwindSafe(|| f(conn))).unwrap_or_else(|_| {
             Err(Fail::Db(DbError {
                 unavailable: false,
+                busy: false,
                 reason: String::from("internal error: a SQLite write panicked"),
             }))
         });
@@ -186,6 +195,7 @@ pub(crate) fn connect(path: &Path, opts: &SqliteOptions) -> Result<Connection, D
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(DbError {
             unavailable: false,
+            busy: false,
             reason: format!("the database refused WAL mode (journal mode is {mode})"),
         });
     }
@@ -209,6 +219,27 @@ pub(crate) fn connect(path: &Path, opts: &SqliteOptions) -> Result<Connection, D
 }
 
 impl Db {
+    /// [`Db::open`], tried again while the file is busy or locked, for up
+    /// to the busy timeout. Processes opening a new file at the same moment
+    /// race for the locks that switching it to WAL and migrating it take,
+    /// and SQLite answers some of those races with `SQLITE_BUSY` at once
+    /// instead of waiting (seen: one of two workers started together exited
+    /// with "database is locked"). Blocking.
+    pub(crate) fn open_when_free(path: &Path, opts: &SqliteOptions) -> Result<Self, DbError> {
+        let deadline = std::time::Instant::now() + opts.busy_timeout;
+        let mut pause = std::time::Duration::from_millis(5);
+        loop {
+            match Self::open(path, opts) {
+                Err(e) if e.busy && std::time::Instant::now() + pause < deadline => {
+                    tracing::debug!(error = %e.reason, retry_in = ?pause, "SQLite file busy while opening; trying again");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Opens the writer connection (migrating the schema on it), starts the
     /// writer and checkpointer threads. Blocking: call off the runtime.
     pub(crate) fn open(path: &Path, opts: &SqliteOptions) -> Result<Self, DbError> {
@@ -227,6 +258,7 @@ impl Db {
             .spawn(move || checkpoint_loop(&checkpointer, &nudged))
             .map_err(|e| DbError {
                 unavailable: true,
+                busy: false,
                 reason: format!("cannot start the checkpointer thread: {e}"),
             })?;
         std::thread::Builder::new()
@@ -238,6 +270,7 @@ impl Db {
             })
             .map_err(|e| DbError {
                 unavailable: true,
+                busy: false,
                 reason: format!("cannot start the writer thread: {e}"),
             })?;
         Ok(Self {
@@ -303,6 +336,7 @@ impl Db {
         .map_err(|e| {
             Fail::Db(DbError {
                 unavailable: false,
+                busy: false,
                 reason: format!("internal error: a SQLite read failed: {e}"),
             })
         })?;

@@ -131,6 +131,7 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), DbError> {
     if current > VERSION {
         return Err(DbError {
             unavailable: false,
+            busy: false,
             reason: format!(
                 "the database schema is version {current}, newer than this build's {VERSION}: upgrade Stem"
             ),

@@ -97,7 +97,7 @@ pub(crate) async fn open(path: &Path, opts: &SqliteOptions) -> Result<Arc<Shared
     let db = {
         let key = key.clone();
         let opts = opts.clone();
-        tokio::task::spawn_blocking(move || Db::open(&key, &opts))
+        tokio::task::spawn_blocking(move || Db::open_when_free(&key, &opts))
             .await
             .map_err(|e| err(e.to_string()))?
             .map_err(|e| err(e.reason))?
