@@ -413,27 +413,29 @@ impl State {
             }
             self.expiries.pop();
             for token in first..first.saturating_add(count) {
-                let expired = self.leases.get(&token).is_some_and(|l| l.deadline <= now);
-                if !expired {
-                    continue;
+                if self.leases.get(&token).is_some_and(|l| l.deadline <= now)
+                    && let Some(lease) = self.leases.remove(&token)
+                {
+                    self.requeue_expired(lease);
                 }
-                let Some(lease) = self.leases.remove(&token) else {
-                    continue;
-                };
-                tracing::debug!(task_id = %lease.task_id, queue = %lease.queue, "lease expired; requeued");
-                let priority = lease.envelope.priority;
-                let q = self.queue_mut(&lease.queue);
-                q.leased = q.leased.saturating_sub(1);
-                q.push_ready(
-                    priority,
-                    Entry {
-                        payload: Payload::Envelope(lease.envelope),
-                        deliveries: lease.deliveries,
-                    },
-                    true,
-                );
             }
         }
+    }
+
+    /// Puts the envelope of an expired lease back at the front of its lane.
+    fn requeue_expired(&mut self, lease: Lease) {
+        tracing::debug!(task_id = %lease.task_id, queue = %lease.queue, "lease expired; requeued");
+        let priority = lease.envelope.priority;
+        let q = self.queue_mut(&lease.queue);
+        q.leased = q.leased.saturating_sub(1);
+        q.push_ready(
+            priority,
+            Entry {
+                payload: Payload::Envelope(lease.envelope),
+                deliveries: lease.deliveries,
+            },
+            true,
+        );
     }
 
     /// Drops the deadlines of leases that were acked or extended since:
@@ -555,10 +557,10 @@ impl Core {
     ///
     /// The lock is taken twice, briefly: once to pop the ready entries
     /// (counted as leased from then on) and once to record their leases.
-    /// The allocations of the receipts and the `Vec` happen in between, outside the lock, so acks
-    /// and publishes from other threads are not held up by them. Nothing
-    /// else can see the popped entries in between: their tokens are not
-    /// out yet.
+    /// The allocations of the receipts and the `Vec` happen in between,
+    /// outside the lock, so acks and publishes from other threads are not
+    /// held up by them. Nothing else can see the popped entries in between:
+    /// their tokens are not out yet.
     fn take(&self, req: &FetchRequest) -> (Vec<Delivery>, Option<Instant>) {
         let now_i = Instant::now();
         let now_u = Utc::now();
