@@ -4,7 +4,17 @@
 use std::time::Duration;
 
 use stem_adapters::sqlite::{SqliteBroker, SqliteOptions};
-use stem_core::{Broker, BrokerError, Envelope, FetchRequest, Nack};
+use stem_core::{
+    Broker, BrokerError, Disposition, Envelope, FetchRequest, QueueAdmin, Receipt, Settlement,
+};
+
+/// Acks for every receipt, as one settlement batch.
+fn acks(receipts: &[Receipt]) -> Vec<Settlement> {
+    receipts
+        .iter()
+        .map(|r| Settlement::new(r.clone(), Disposition::Ack))
+        .collect()
+}
 
 #[tokio::test]
 async fn ack_many_fences_each_receipt_across_chunks() {
@@ -23,14 +33,19 @@ async fn ack_many_fences_each_receipt_across_chunks() {
     assert_eq!(got.len(), 700);
     // Two deliveries are handed back and claimed again: their old receipts are stale.
     for d in [&got[10], &got[650]] {
-        b.nack(&d.receipt, Nack::after(Duration::ZERO))
-            .await
-            .unwrap();
+        b.settle_one(Settlement::new(
+            d.receipt.clone(),
+            Disposition::Release {
+                after: Duration::ZERO,
+            },
+        ))
+        .await
+        .unwrap();
     }
     let again = b.fetch(&FetchRequest::new(["q"], 10)).await.unwrap();
     assert_eq!(again.len(), 2);
     let receipts: Vec<_> = got.iter().map(|d| d.receipt.clone()).collect();
-    let results = b.ack_many(&receipts).await;
+    let results = b.settle(&acks(&receipts)).await;
     for (i, r) in results.iter().enumerate() {
         if i == 10 || i == 650 {
             assert!(
@@ -44,7 +59,7 @@ async fn ack_many_fences_each_receipt_across_chunks() {
     let stats = b.stats("q").await.unwrap();
     assert_eq!(stats.leased, 2, "only the re-claimed two are left");
     let fresh: Vec<_> = again.iter().map(|d| d.receipt.clone()).collect();
-    assert!(b.ack_many(&fresh).await.iter().all(Result::is_ok));
+    assert!(b.settle(&acks(&fresh)).await.iter().all(Result::is_ok));
     assert_eq!(
         b.stats("q").await.unwrap(),
         stem_core::QueueStats::default()
@@ -71,9 +86,14 @@ async fn a_failing_write_in_a_group_commit_rolls_back_alone() {
     assert_eq!(got.len(), 40);
     // Every receipt goes stale: the deliveries are handed back and claimed again.
     for d in &got {
-        b.nack(&d.receipt, Nack::after(Duration::ZERO))
-            .await
-            .unwrap();
+        b.settle_one(Settlement::new(
+            d.receipt.clone(),
+            Disposition::Release {
+                after: Duration::ZERO,
+            },
+        ))
+        .await
+        .unwrap();
     }
     let live = b.fetch(&FetchRequest::new(["q"], 40)).await.unwrap();
     assert_eq!(live.len(), 40);
@@ -82,8 +102,15 @@ async fn a_failing_write_in_a_group_commit_rolls_back_alone() {
         let b = b.clone();
         let r = d.receipt.clone();
         tokio::spawn(async move {
-            b.dead_letter(&r, stem_core::DeadLetterRequest::new("stale"))
-                .await
+            b.settle_one(Settlement::new(
+                r.clone(),
+                Disposition::DeadLetter {
+                    reason: "stale".into(),
+                    error: None,
+                    charge: false,
+                },
+            ))
+            .await
         })
     });
     let fresh = (0..40).map(|i| {

@@ -287,7 +287,7 @@ impl Bench {
         let t_pre = Instant::now();
         self.enqueue_batches(client, n, &pad).await?;
         let preload = t_pre.elapsed();
-        let st = client.broker().stats(QUEUE).await?;
+        let st = client.stats(QUEUE).await?;
         if st.ready != n {
             return Err(
                 format!("preloaded {n} tasks but the queue holds {} ready", st.ready).into(),
@@ -521,7 +521,7 @@ async fn wait_until_drained(
         let mut left = recorder.map_or(n, |r| n.saturating_sub(r.ran()));
         let ask = recorder.is_none() || left == 0 || last_stats.is_none_or(|t| t.elapsed() >= SLOW);
         if ask {
-            let st = client.broker().stats(QUEUE).await?;
+            let st = client.stats(QUEUE).await?;
             last_stats = Some(Instant::now());
             let queued = st.ready + st.delayed + st.leased;
             if queued == 0 {
@@ -532,7 +532,7 @@ async fn wait_until_drained(
             }
         }
         if t0.elapsed() > timeout {
-            let st = client.broker().stats(QUEUE).await?;
+            let st = client.stats(QUEUE).await?;
             return Err(format!(
                 "timed out after {timeout:?} waiting for {n} tasks to run; queue stats {st:?}"
             )

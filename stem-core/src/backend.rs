@@ -242,6 +242,14 @@ pub trait ResultBackend: Send + Sync + 'static {
     /// The adapter's name and redacted address, for logs.
     fn describe(&self) -> String;
 
+    /// The backend as `Any`, so a broker on the same storage can recognise
+    /// it ([`Broker::stores_results_of`](crate::Broker::stores_results_of))
+    /// and write its records in its own transactions. `None` (the default)
+    /// for a backend no broker shares storage with.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
+
     /// Writes a record unless the monotonic rule forbids it (R1); returns
     /// whether it was written.
     async fn store(&self, record: TaskRecord) -> Result<bool, BackendError>;

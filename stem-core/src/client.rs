@@ -5,9 +5,9 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::backend::{DEFAULT_REVOKE_TTL, ResultBackend, TaskRecord, TaskState};
-use crate::broker::{Broker, Published};
+use crate::broker::{Broker, Published, QueueStats};
 use crate::envelope::{Envelope, TaskId};
-use crate::error::{ConfigError, StemError};
+use crate::error::{BrokerError, ConfigError, StemError};
 use crate::url::{ConnectOptions, adapter_for, redact};
 
 /// Environment variable naming the broker URL.
@@ -125,9 +125,9 @@ impl Stem {
     /// when a unique key was already taken).
     ///
     /// # Errors
-    /// A validation or broker error.
+    /// A validation or broker error (the broker validates: once, where the
+    /// envelope is stored).
     pub async fn publish(&self, envelope: Envelope) -> Result<Published, StemError> {
-        envelope.validate()?;
         Ok(self.inner.broker.publish(envelope).await?)
     }
 
@@ -139,10 +139,42 @@ impl Stem {
         &self,
         envelopes: Vec<Envelope>,
     ) -> Result<Vec<Published>, StemError> {
-        for e in &envelopes {
-            e.validate()?;
-        }
         Ok(self.inner.broker.publish_many(envelopes).await?)
+    }
+
+    /// Publishes envelopes inside the caller's own open transaction, so
+    /// they exist if and only if it commits ([`Broker::publish_in`]).
+    ///
+    /// # Errors
+    /// `Unsupported` on an adapter without transactions, `Invalid` for a
+    /// transaction of the wrong type or not begun, or a validation error.
+    pub async fn publish_in(
+        &self,
+        tx: &mut (dyn std::any::Any + Send),
+        envelopes: Vec<Envelope>,
+    ) -> Result<Vec<Published>, StemError> {
+        Ok(self.inner.broker.publish_in(tx, envelopes).await?)
+    }
+
+    /// Ready, delayed, leased and dead counts of `queue` (B13).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), stem_core::StemError> {
+    /// let stem = stem_core::connect("memory://client-stats-doc").await?;
+    /// assert_eq!(stem.stats("default").await?.ready, 0);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// `Unsupported` when the adapter cannot inspect queues, or a broker
+    /// error.
+    pub async fn stats(&self, queue: &str) -> Result<QueueStats, StemError> {
+        let admin = self.inner.broker.queues().ok_or(BrokerError::Unsupported {
+            adapter: "this broker",
+            operation: "queue stats",
+            hint: "use an adapter with QueueAdmin (memory, sqlite)",
+        })?;
+        Ok(admin.stats(queue).await?)
     }
 
     /// Revokes a task: a worker that receives it acks it without running it

@@ -130,7 +130,7 @@ pub struct Context {
 struct ContextInner {
     envelope: Arc<Envelope>,
     receipt: Receipt,
-    delivery_count: u32,
+    deliveries: u32,
     shared: Arc<ContextShared>,
 }
 
@@ -152,8 +152,8 @@ pub struct ContextParts {
     pub envelope: Envelope,
     /// Its lease.
     pub receipt: Receipt,
-    /// Delivery count.
-    pub delivery_count: u32,
+    /// How many times the broker has handed it out.
+    pub deliveries: u32,
     /// The broker it came from.
     pub broker: Arc<dyn Broker>,
     /// The result backend, if any.
@@ -175,7 +175,7 @@ impl Context {
         let ContextParts {
             envelope,
             receipt,
-            delivery_count,
+            deliveries,
             broker,
             backend,
             client,
@@ -191,7 +191,7 @@ impl Context {
             cancel,
             worker_id: Arc::from(worker_id),
         });
-        Self::with_shared(Arc::new(envelope), receipt, delivery_count, shared)
+        Self::with_shared(Arc::new(envelope), receipt, deliveries, shared)
     }
 
     /// A delivery's context whose worker-wide parts are shared (the
@@ -200,22 +200,22 @@ impl Context {
         let Delivery {
             envelope,
             receipt,
-            delivery_count,
+            deliveries,
         } = delivery;
-        Self::with_shared(envelope, receipt, delivery_count, Arc::clone(shared))
+        Self::with_shared(envelope, receipt, deliveries, Arc::clone(shared))
     }
 
     fn with_shared(
         envelope: Arc<Envelope>,
         receipt: Receipt,
-        delivery_count: u32,
+        deliveries: u32,
         shared: Arc<ContextShared>,
     ) -> Self {
         Self {
             inner: Arc::new(ContextInner {
                 envelope,
                 receipt,
-                delivery_count,
+                deliveries,
                 shared,
             }),
         }
@@ -231,23 +231,10 @@ impl Context {
         &self.inner.receipt
     }
 
-    /// The receipt, to settle the delivery with: moved out when this is
-    /// the last handle on the context (the usual case once a task
-    /// finished; the context keeps a copy without its strings), cloned
-    /// otherwise (the task kept a clone of its context somewhere).
+    /// The receipt, to settle the delivery with (a receipt is a few words
+    /// and a shared queue name: cloning it copies no string).
     pub(crate) fn take_receipt(&mut self) -> Receipt {
-        match Arc::get_mut(&mut self.inner) {
-            Some(inner) => {
-                let stub = Receipt {
-                    task_id: inner.receipt.task_id,
-                    queue: Arc::clone(&inner.receipt.queue),
-                    token: inner.receipt.token,
-                    tag: String::new(),
-                };
-                std::mem::replace(&mut inner.receipt, stub)
-            }
-            None => self.inner.receipt.clone(),
-        }
+        self.inner.receipt.clone()
     }
 
     /// The task id.
@@ -280,10 +267,12 @@ impl Context {
         self.inner.envelope.max_retries
     }
 
-    /// How many times the broker has delivered this envelope.
+    /// How many times the broker has handed this envelope out, this one
+    /// included (never decremented; not the attempt count, see
+    /// [`Context::attempt`]).
     #[must_use]
-    pub fn delivery_count(&self) -> u32 {
-        self.inner.delivery_count
+    pub fn deliveries(&self) -> u32 {
+        self.inner.deliveries
     }
 
     /// All headers.

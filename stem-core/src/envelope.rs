@@ -30,8 +30,11 @@ pub struct TaskId(Uuid);
 
 impl TaskId {
     /// A fresh, time-ordered id: ids made by one process sort in the
-    /// order they were made.
+    /// order they were made. (Deliberately no `Default`: a default id would
+    /// be a random one, and `unwrap_or_default()` on a corrupt stored id
+    /// would invent a task.)
     #[must_use]
+    #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
         Self(v7::next())
     }
@@ -46,12 +49,6 @@ impl TaskId {
     #[must_use]
     pub const fn as_uuid(&self) -> &Uuid {
         &self.0
-    }
-}
-
-impl Default for TaskId {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

@@ -27,6 +27,7 @@ pub mod duration;
 pub mod envelope;
 pub mod error;
 pub mod handle;
+#[cfg(feature = "kit")]
 pub mod kit;
 pub mod memory;
 pub mod registry;
@@ -40,8 +41,9 @@ pub use backend::{
     WorkerHeartbeat, WorkerStatus,
 };
 pub use broker::{
-    BroadcastMessage, BroadcastStream, Broker, Capabilities, DeadLetter, DeadLetterRequest,
-    Delivery, FetchRequest, Nack, Page, Published, QueueStats, Receipt, Replay,
+    Broadcast, BroadcastMessage, BroadcastStream, Broker, Capabilities, DeadLetter, DeadLetterPage,
+    DeadLetters, Delivery, Disposition, FetchRequest, LeaseModel, Limits, Published, QueueAdmin,
+    QueueStats, Receipt, ReceiptHandle, Replay, Settlement,
 };
 pub use builder::{EnqueueOptions, Signature, TaskBuilder};
 pub use client::{Stem, connect, connect_with};

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use stem::Broker;
 use stem::adapters::sqlite::{SqliteBroker, SqliteOptions};
 use stem::worker::Worker;
-use stem::{Broker, Page};
 use stem_tests::e2e_tasks::{ledger_noop, ledger_slow};
 use stem_tests::ledger::{self, LEDGER_VAR};
 
@@ -225,9 +225,12 @@ async fn a_garbage_row_is_dead_lettered_and_the_worker_keeps_running() {
     let h = double::enqueue_on(&stem, 21).await.unwrap();
     assert_eq!(h.wait(Duration::from_secs(10)).await.unwrap(), 42);
     let dead = broker
-        .dead_letters("garbage", Page::first(10))
+        .dead_letters()
+        .expect("dead letters")
+        .list("garbage", None, 10)
         .await
-        .unwrap();
+        .unwrap()
+        .items;
     assert_eq!(dead.len(), 1);
     assert!(
         dead[0].reason.contains("undecodable envelope"),
@@ -268,9 +271,19 @@ async fn broadcast_reaches_a_subscriber_in_another_process() {
         .recv_timeout(Duration::from_secs(30))
         .expect("subscriber is ready");
     assert_eq!(first, "ready");
-    let mut local = broker.subscribe("control").await.unwrap();
+    let mut local = broker
+        .broadcast()
+        .expect("broadcast")
+        .subscribe("control")
+        .await
+        .unwrap();
     for msg in ["ping", "inspect", "shutdown"] {
-        broker.broadcast("control", msg).await.unwrap();
+        broker
+            .broadcast()
+            .expect("broadcast")
+            .send("control", msg)
+            .await
+            .unwrap();
     }
     let got: Vec<String> = (0..3)
         .map(|_| {

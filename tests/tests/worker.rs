@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use stem::worker::{Worker, WorkerHandle};
-use stem::{Envelope, FetchRequest, Page, Stem, TaskError, TaskState};
+use stem::{Envelope, FetchRequest, Stem, TaskError, TaskState};
 use stem_tests::{eventually, isolated_client};
 
 /// A value every task in this binary can read through `State<Marker>`.
@@ -88,7 +88,6 @@ async fn at_most_once(ctx: stem::Context, key: String) -> Result<u32, FlakyError
     let stats = ctx
         .client()
         .expect("worker passes a client")
-        .broker()
         .stats(ctx.queue())
         .await
         .expect("stats");
@@ -220,11 +219,23 @@ async fn dead_letters_after_last_attempt_with_last_error() {
     let broker = stem.broker();
     assert!(
         eventually(Duration::from_secs(5), || async {
-            broker.dead_letter_count("dead").await.unwrap() == 1
+            broker
+                .dead_letters()
+                .expect("dead letters")
+                .count("dead")
+                .await
+                .unwrap()
+                == 1
         })
         .await
     );
-    let dead = broker.dead_letters("dead", Page::first(10)).await.unwrap();
+    let dead = broker
+        .dead_letters()
+        .expect("dead letters")
+        .list("dead", None, 10)
+        .await
+        .unwrap()
+        .items;
     assert_eq!(dead.len(), 1);
     assert!(
         dead[0].reason.contains("retries exhausted"),
@@ -296,7 +307,15 @@ async fn at_most_once_acks_before_running_and_never_retries() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(runs(&key).len(), 1, "never retried");
-    assert_eq!(stem.broker().dead_letter_count("amo").await.unwrap(), 0);
+    assert_eq!(
+        stem.broker()
+            .dead_letters()
+            .expect("dead letters")
+            .count("amo")
+            .await
+            .unwrap(),
+        0
+    );
     stop(worker).await;
 }
 
@@ -361,7 +380,7 @@ async fn graceful_shutdown_requeues_unfinished_work_and_loses_nothing() {
         report.requeued >= 2,
         "running long tasks were requeued: {report:?}"
     );
-    let stats = stem.broker().stats("long").await.unwrap();
+    let stats = stem.stats("long").await.unwrap();
     assert_eq!(
         stats.ready, 4,
         "all four long tasks are back in the queue: {stats:?}"
@@ -377,7 +396,12 @@ async fn graceful_shutdown_requeues_unfinished_work_and_loses_nothing() {
     for d in &back {
         assert_eq!(d.envelope.attempt, 0);
         broker
-            .nack(&d.receipt, stem::Nack::after(Duration::ZERO))
+            .settle_one(stem::Settlement::new(
+                d.receipt.clone(),
+                stem::Disposition::Release {
+                    after: Duration::ZERO,
+                },
+            ))
             .await
             .unwrap();
     }
@@ -406,7 +430,7 @@ async fn prefetched_deliveries_keep_their_leases_while_they_wait() {
     // Once the worker holds all three, a rival polls the queue.
     assert!(
         eventually(Duration::from_secs(5), || async {
-            stem.broker().stats("long").await.unwrap().leased == 3
+            stem.stats("long").await.unwrap().leased == 3
         })
         .await,
         "the worker prefetched all three"
@@ -447,7 +471,7 @@ async fn shutdown_requeues_prefetched_deliveries_without_running_them() {
         .unwrap();
     assert!(
         eventually(Duration::from_secs(5), || async {
-            stem.broker().stats("long").await.unwrap().leased == 4
+            stem.stats("long").await.unwrap().leased == 4
         })
         .await,
         "the worker holds all four"
@@ -458,7 +482,7 @@ async fn shutdown_requeues_prefetched_deliveries_without_running_them() {
     assert_eq!(report.succeeded, 1, "{report:?}");
     assert_eq!(report.requeued, 3, "{report:?}");
     assert_eq!(runs(&key).len(), 1);
-    let stats = stem.broker().stats("long").await.unwrap();
+    let stats = stem.stats("long").await.unwrap();
     assert_eq!((stats.ready, stats.leased), (3, 0), "{stats:?}");
     let back = stem
         .broker()
@@ -506,14 +530,23 @@ async fn unknown_names_and_bad_args_are_dead_lettered_with_a_reason() {
     let broker = stem.broker();
     assert!(
         eventually(Duration::from_secs(5), || async {
-            broker.dead_letter_count("panics").await.unwrap() == 2
+            broker
+                .dead_letters()
+                .expect("dead letters")
+                .count("panics")
+                .await
+                .unwrap()
+                == 2
         })
         .await
     );
     let dead = broker
-        .dead_letters("panics", Page::first(10))
+        .dead_letters()
+        .expect("dead letters")
+        .list("panics", None, 10)
         .await
-        .unwrap();
+        .unwrap()
+        .items;
     let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
     assert!(
         reasons
@@ -550,7 +583,7 @@ async fn revoked_tasks_are_skipped() {
     );
     assert!(
         eventually(Duration::from_secs(5), || async {
-            stem.broker().stats("long").await.unwrap() == stem::QueueStats::default()
+            stem.stats("long").await.unwrap() == stem::QueueStats::default()
         })
         .await,
         "the revoked delivery was acked"

@@ -20,9 +20,9 @@ use super::{SqliteOptions, ms_of, now_ms};
 /// A result backend on a SQLite file.
 #[derive(Clone)]
 pub struct SqliteBackend {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     opts: SqliteOptions,
-    ns: Arc<str>,
+    pub(crate) ns: Arc<str>,
 }
 
 impl std::fmt::Debug for SqliteBackend {
@@ -46,7 +46,7 @@ fn ids_json(ids: &[TaskId]) -> String {
 }
 
 /// A record ready to write: encoded before it reaches the writer thread.
-struct Encoded {
+pub(crate) struct Encoded {
     id: String,
     state: &'static str,
     terminal: bool,
@@ -55,7 +55,7 @@ struct Encoded {
     bytes: Vec<u8>,
 }
 
-fn upsert(c: &Connection, ns: &str, r: &Encoded, now: i64) -> rusqlite::Result<bool> {
+pub(crate) fn upsert(c: &Connection, ns: &str, r: &Encoded, now: i64) -> rusqlite::Result<bool> {
     let n = c.prepare_cached(UPSERT)?.execute(params![
         ns,
         r.id,
@@ -121,7 +121,7 @@ impl SqliteBackend {
         self.shared.db.read(f).await.map_err(|e| self.fail(e))
     }
 
-    fn encode(record: &TaskRecord) -> Result<Encoded, BackendError> {
+    pub(crate) fn encode(record: &TaskRecord) -> Result<Encoded, BackendError> {
         let bytes = serde_json::to_vec(record).map_err(|e| {
             BackendError::Invalid(format!(
                 "task record for {} does not encode: {e}",
@@ -150,6 +150,10 @@ impl SqliteBackend {
 impl ResultBackend for SqliteBackend {
     fn describe(&self) -> String {
         self.shared.describe()
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 
     async fn store(&self, record: TaskRecord) -> Result<bool, BackendError> {

@@ -6,6 +6,7 @@
 //! the writer thread, and a row that does not decode is dead-lettered by a
 //! second, fenced write.
 
+use std::any::Any;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,11 +16,16 @@ use async_trait::async_trait;
 use chrono::{TimeZone, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use stem_core::broker::{
-    BroadcastMessage, BroadcastStream, Capabilities, DeadLetter, DeadLetterRequest, Delivery,
-    FetchRequest, Nack, Page, Published, QueueStats, Receipt, Replay,
+    Broadcast, BroadcastMessage, BroadcastStream, Capabilities, DeadLetter, DeadLetterPage,
+    DeadLetters, Delivery, Disposition, FetchRequest, Limits, Published, QueueAdmin, QueueStats,
+    Receipt, Replay, Settlement, charged, check_encoded_size, undecodable_reason,
 };
 use stem_core::envelope::validate_queue_name;
-use stem_core::{Broker, BrokerError, Envelope, TaskId, UniqueRelease};
+use stem_core::{
+    Broker, BrokerError, Envelope, EnvelopeError, ResultBackend, TaskId, UniqueRelease,
+};
+
+use super::backend::{Encoded, SqliteBackend, upsert};
 
 use super::db::Fail;
 use super::shared::{self, Shared};
@@ -116,6 +122,15 @@ const TAKE: &str = "DELETE FROM stem_jobs WHERE seq = ?1 AND ns = ?2 AND token =
 const ACK: &str = "DELETE FROM stem_jobs WHERE seq = ?1 AND ns = ?2 AND token = ?3 AND state IN (0, 2) \
      RETURNING id, CASE WHEN unique_on_finish <> 0 THEN unique_key END";
 
+/// Job states, as stored in `stem_jobs.state`.
+const READY: i64 = 0;
+/// Waiting for `due_ms`.
+const DELAYED: i64 = 1;
+
+/// The payload of a live lease (fenced like [`TAKE`]).
+const LEASED_PAYLOAD: &str =
+    "SELECT payload FROM stem_jobs WHERE seq = ?1 AND ns = ?2 AND token = ?3 AND state IN (0, 2)";
+
 const RELEASE_UNIQUE: &str = "DELETE FROM stem_unique WHERE ns = ?1 AND key = ?2 AND holder = ?3";
 
 const INSERT_DEAD: &str = "INSERT INTO stem_dead (ns, queue, id, reason, error, dead_ms, expires_ms, envelope, raw) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
@@ -192,7 +207,8 @@ struct Claimed {
 /// A receipt's row and lease token; `None` when the receipt is not one of
 /// this adapter's (then its lease cannot be ours).
 fn lease_of(r: &Receipt) -> Option<(i64, i64)> {
-    Some((r.tag.parse().ok()?, i64::try_from(r.token).ok()?))
+    let (seq, token) = r.token()?;
+    Some((i64::try_from(seq).ok()?, i64::try_from(token).ok()?))
 }
 
 fn u64_of(n: i64) -> u64 {
@@ -227,6 +243,182 @@ fn take_row(
             .execute(params![ns, key, id])?;
     }
     Ok(Some((queue, payload)))
+}
+
+/// Stores `rows` on `c` in order (inside whatever transaction `c` is in);
+/// a unique row whose key is held stores nothing and answers with the
+/// holder. Shared by publishes (on the writer thread) and `publish_in` (on
+/// the caller's connection).
+fn insert_rows(
+    c: &Connection,
+    ns: &str,
+    adapter: &str,
+    rows: &[NewRow],
+) -> Result<Vec<Published>, Fail<BrokerError>> {
+    let now = db_now(c)?;
+    let mut out = Vec::with_capacity(rows.len());
+    let mut insert = c.prepare_cached(INSERT_JOB)?;
+    let mut i = 0;
+    while i < rows.len() {
+        // Runs of rows without a unique key go in multi-row INSERTs: one
+        // statement step per 64 rows instead of per row (batched enqueue
+        // measured 1.2-1.3x faster).
+        let plain = rows[i..].iter().take_while(|r| r.unique.is_none()).count();
+        if let Some(size) = MULTI_ROWS.iter().position(|&n| n <= plain) {
+            let n = MULTI_ROWS[size];
+            let batch = &rows[i..i + n];
+            let mut stmt = c.prepare_cached(multi_insert_sql(size))?;
+            let mut k = 1;
+            for r in batch {
+                stmt.raw_bind_parameter(k, ns)?;
+                stmt.raw_bind_parameter(k + 1, &r.id_text)?;
+                stmt.raw_bind_parameter(k + 2, &r.queue)?;
+                stmt.raw_bind_parameter(k + 3, r.priority)?;
+                stmt.raw_bind_parameter(k + 4, r.state)?;
+                stmt.raw_bind_parameter(k + 5, now.saturating_add(r.delay))?;
+                stmt.raw_bind_parameter(k + 6, &r.payload)?;
+                k += 7;
+            }
+            stmt.raw_execute()?;
+            out.extend(batch.iter().map(|r| Published::Stored(r.id)));
+            i += n;
+            continue;
+        }
+        let r = &rows[i];
+        i += 1;
+        if let Some(u) = &r.unique {
+            let holder: Option<(String, i64)> = c
+                .prepare_cached(
+                    "SELECT holder, until_ms FROM stem_unique WHERE ns = ?1 AND key = ?2",
+                )?
+                .query_row(params![ns, u.key], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?;
+            if let Some((holder, until)) = holder
+                && until > now
+            {
+                let id = holder.parse::<TaskId>().map_err(|e| BrokerError::Storage {
+                    adapter: adapter.to_owned(),
+                    reason: format!("corrupt unique key holder: {e}"),
+                })?;
+                out.push(Published::Duplicate(id));
+                continue;
+            }
+            c.prepare_cached(
+                "INSERT OR REPLACE INTO stem_unique (ns, key, holder, until_ms) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![ns, u.key, r.id_text, now.saturating_add(u.window_ms)])?;
+        }
+        insert.execute(params![
+            ns,
+            r.id_text,
+            r.queue,
+            r.priority,
+            r.state,
+            now.saturating_add(r.delay),
+            r.unique.as_ref().map(|u| &u.key),
+            r.unique.as_ref().is_some_and(|u| u.on_finish),
+            r.payload
+        ])?;
+        out.push(Published::Stored(r.id));
+    }
+    Ok(out)
+}
+
+/// One settlement, prepared off the writer thread.
+struct SettleJob {
+    lease: Option<(i64, i64)>,
+    disposition: Disposition,
+    /// The record to store with it (co-located results only).
+    record: Option<Encoded>,
+}
+
+/// `(state, delay ms)` of a row handed back after `after`.
+fn requeue_state(after: Duration) -> (i64, i64) {
+    if after.is_zero() {
+        (READY, 0)
+    } else {
+        (DELAYED, ms_of(after))
+    }
+}
+
+/// Settles one delivery on the writer thread; `false` when its lease is
+/// not live (nothing changed).
+fn settle_row(
+    c: &Connection,
+    ns: &str,
+    retention_ms: i64,
+    id: TaskId,
+    (seq, token): (i64, i64),
+    disposition: &Disposition,
+) -> Result<bool, Fail<BrokerError>> {
+    match disposition {
+        Disposition::Ack => {
+            let row: Option<(String, Option<String>)> = c
+                .prepare_cached(ACK)?
+                .query_row(params![seq, ns, token], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            if let Some((id, Some(key))) = &row {
+                c.prepare_cached(RELEASE_UNIQUE)?
+                    .execute(params![ns, key, id])?;
+            }
+            Ok(row.is_some())
+        }
+        Disposition::Retry { after, .. } | Disposition::Release { after } => {
+            let (state, delay) = requeue_state(*after);
+            // A retry charges the attempt in the stored envelope; a
+            // release leaves it as it is.
+            let payload = if matches!(disposition, Disposition::Retry { .. }) {
+                let stored: Option<Vec<u8>> = c
+                    .prepare_cached(LEASED_PAYLOAD)?
+                    .query_row(params![seq, ns, token], |r| r.get(0))
+                    .optional()?;
+                let Some(stored) = stored else {
+                    return Ok(false);
+                };
+                recharged(&stored, disposition)
+            } else {
+                None
+            };
+            // The token moves on: the settled receipt is spent, so a late
+            // extend or ack with it cannot lease the row again.
+            let changed = c
+                .prepare_cached(concat!(
+                    "UPDATE stem_jobs SET state = ?1, due_ms = ",
+                    now_sql!(),
+                    " + ?2, token = token + 1, payload = COALESCE(?3, payload) \
+                     WHERE seq = ?4 AND ns = ?5 AND token = ?6 AND state IN (0, 2)"
+                ))?
+                .execute(params![state, delay, payload, seq, ns, token])?;
+            Ok(changed == 1)
+        }
+        Disposition::DeadLetter { reason, error, .. } => {
+            let now = db_now(c)?;
+            let Some((queue, payload)) = take_row(c, ns, seq, token)? else {
+                return Ok(false);
+            };
+            let payload = recharged(&payload, disposition).unwrap_or(payload);
+            c.prepare_cached(INSERT_DEAD)?.execute(params![
+                ns,
+                queue,
+                id.to_string(),
+                reason,
+                error,
+                now,
+                now.saturating_add(retention_ms),
+                payload,
+                Option::<String>::None
+            ])?;
+            Ok(true)
+        }
+    }
+}
+
+/// The stored envelope with the attempt `disposition` charges, re-encoded;
+/// `None` when nothing is charged or the payload does not decode (then it
+/// is kept as it is).
+fn recharged(payload: &[u8], disposition: &Disposition) -> Option<Vec<u8>> {
+    let env = Envelope::decode(payload).ok()?;
+    charged(&env, disposition)?.encode().ok()
 }
 
 impl SqliteBroker {
@@ -307,13 +499,7 @@ impl SqliteBroker {
     fn prepare(&self, env: &Envelope) -> Result<NewRow, BrokerError> {
         env.validate()?;
         let payload = env.encode()?;
-        if payload.len() > self.opts.max_envelope_bytes {
-            return Err(BrokerError::TooLarge {
-                task_id: env.id,
-                size: payload.len(),
-                limit: self.opts.max_envelope_bytes,
-            });
-        }
+        check_encoded_size(env, payload.len(), self.opts.max_envelope_bytes)?;
         let (state, delay) = initial_state(env);
         Ok(NewRow {
             id: env.id,
@@ -338,75 +524,7 @@ impl SqliteBroker {
         let adapter = self.shared.describe();
         let ready = rows.iter().any(|r| r.state == 0);
         let out = self
-            .write(move |c| {
-                let now = db_now(c)?;
-                let mut out = Vec::with_capacity(rows.len());
-                let mut insert = c.prepare_cached(INSERT_JOB)?;
-                let mut i = 0;
-                while i < rows.len() {
-                    // Runs of rows without a unique key go in multi-row
-                    // INSERTs: one statement step per 64 rows instead of
-                    // per row (batched enqueue measured 1.2-1.3x faster).
-                    let plain = rows[i..].iter().take_while(|r| r.unique.is_none()).count();
-                    if let Some(size) = MULTI_ROWS.iter().position(|&n| n <= plain) {
-                        let n = MULTI_ROWS[size];
-                        let batch = &rows[i..i + n];
-                        let mut stmt = c.prepare_cached(multi_insert_sql(size))?;
-                        let mut k = 1;
-                        for r in batch {
-                            stmt.raw_bind_parameter(k, &*ns)?;
-                            stmt.raw_bind_parameter(k + 1, &r.id_text)?;
-                            stmt.raw_bind_parameter(k + 2, &r.queue)?;
-                            stmt.raw_bind_parameter(k + 3, r.priority)?;
-                            stmt.raw_bind_parameter(k + 4, r.state)?;
-                            stmt.raw_bind_parameter(k + 5, now.saturating_add(r.delay))?;
-                            stmt.raw_bind_parameter(k + 6, &r.payload)?;
-                            k += 7;
-                        }
-                        stmt.raw_execute()?;
-                        out.extend(batch.iter().map(|r| Published::Stored(r.id)));
-                        i += n;
-                        continue;
-                    }
-                    let r = &rows[i];
-                    i += 1;
-                    if let Some(u) = &r.unique {
-                        let holder: Option<(String, i64)> = c
-                            .prepare_cached(
-                                "SELECT holder, until_ms FROM stem_unique WHERE ns = ?1 AND key = ?2",
-                            )?
-                            .query_row(params![ns, u.key], |row| Ok((row.get(0)?, row.get(1)?)))
-                            .optional()?;
-                        if let Some((holder, until)) = holder
-                            && until > now
-                        {
-                            let id = holder.parse::<TaskId>().map_err(|e| BrokerError::Storage {
-                                adapter: adapter.clone(),
-                                reason: format!("corrupt unique key holder: {e}"),
-                            })?;
-                            out.push(Published::Duplicate(id));
-                            continue;
-                        }
-                        c.prepare_cached(
-                            "INSERT OR REPLACE INTO stem_unique (ns, key, holder, until_ms) VALUES (?1, ?2, ?3, ?4)",
-                        )?
-                        .execute(params![ns, u.key, r.id_text, now.saturating_add(u.window_ms)])?;
-                    }
-                    insert.execute(params![
-                        ns,
-                        r.id_text,
-                        r.queue,
-                        r.priority,
-                        r.state,
-                        now.saturating_add(r.delay),
-                        r.unique.as_ref().map(|u| &u.key),
-                        r.unique.as_ref().is_some_and(|u| u.on_finish),
-                        r.payload
-                    ])?;
-                    out.push(Published::Stored(r.id));
-                }
-                Ok(out)
-            })
+            .write(move |c| insert_rows(c, &ns, &adapter, &rows))
             .await?;
         if ready {
             self.shared.wake.signal(Kind::Jobs);
@@ -513,16 +631,16 @@ impl SqliteBroker {
         for row in rows {
             match Envelope::decode(&row.payload) {
                 Ok(envelope) => out.push(Delivery {
-                    receipt: Receipt {
-                        task_id: envelope.id,
-                        queue: Arc::clone(&names[row.queue]),
-                        token: u64::try_from(row.token).unwrap_or(0),
-                        tag: row.seq.to_string(),
-                    },
-                    delivery_count: u32::try_from(row.deliveries).unwrap_or(u32::MAX),
+                    receipt: Receipt::with_token(
+                        envelope.id,
+                        Arc::clone(&names[row.queue]),
+                        u64_of(row.seq),
+                        u64_of(row.token),
+                    ),
+                    deliveries: u32::try_from(row.deliveries).unwrap_or(u32::MAX),
                     envelope: Arc::new(envelope),
                 }),
-                Err(e) => garbage.push((row, e.to_string())),
+                Err(e) => garbage.push((row, e)),
             }
         }
         if !garbage.is_empty() {
@@ -534,13 +652,13 @@ impl SqliteBroker {
     /// Dead-letters claimed rows whose payload is not an envelope, fenced by
     /// the claim's token. If this fails the rows come back after their lease
     /// and are tried again.
-    async fn bury_garbage(&self, queues: &[String], rows: Vec<(Claimed, String)>) {
+    async fn bury_garbage(&self, queues: &[String], rows: Vec<(Claimed, EnvelopeError)>) {
         let ns = self.ns.clone();
         let retention = ms_of(self.opts.dead_letter_retention);
         let rows: Vec<(Claimed, String, String)> = rows
             .into_iter()
             .map(|(row, err)| {
-                let reason = format!("undecodable envelope in storage: {err}");
+                let reason = undecodable_reason(&err);
                 tracing::error!(queue = %queues[row.queue], row_id = %row.id, %reason, "dead-lettering garbage");
                 let queue = queues[row.queue].clone();
                 (row, queue, reason)
@@ -553,7 +671,9 @@ impl SqliteBroker {
                     if take_row(c, &ns, row.seq, row.token)?.is_none() {
                         continue;
                     }
-                    let dead_id = row.id.parse::<TaskId>().unwrap_or_default();
+                    // Garbage may have no usable id: the dead letter gets a
+                    // fresh one, said so in its `raw` text being kept.
+                    let dead_id = row.id.parse::<TaskId>().unwrap_or_else(|_| TaskId::new());
                     c.prepare_cached(INSERT_DEAD)?.execute(params![
                         ns,
                         queue,
@@ -574,39 +694,14 @@ impl SqliteBroker {
         }
     }
 
-    /// Acks `receipts` in one transaction, each row fenced by its own
-    /// token; `true` where the lease was live. Reads back only what an ack
-    /// needs (the unique key), never the payload.
-    async fn ack_batch(&self, receipts: &[Receipt]) -> Result<Vec<bool>, BrokerError> {
-        let ns = self.ns.clone();
-        let leases: Vec<Option<(i64, i64)>> = receipts.iter().map(lease_of).collect();
-        self.write(move |c| {
-            let mut out = Vec::with_capacity(leases.len());
-            let mut ack = c.prepare_cached(ACK)?;
-            for lease in leases {
-                let Some((seq, token)) = lease else {
-                    out.push(false);
-                    continue;
-                };
-                let row: Option<(String, Option<String>)> = ack
-                    .query_row(params![seq, ns, token], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()?;
-                if let Some((id, Some(key))) = &row {
-                    c.prepare_cached(RELEASE_UNIQUE)?
-                        .execute(params![ns, key, id])?;
-                }
-                out.push(row.is_some());
-            }
-            Ok(out)
-        })
-        .await
-    }
-
     fn dead_letter_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
         let id: String = r.get(0)?;
+        let id: TaskId = id.parse().map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        })?;
         let envelope: Option<Vec<u8>> = r.get(5)?;
         Ok(DeadLetter {
-            id: id.parse().unwrap_or_default(),
+            id,
             queue: r.get(1)?,
             reason: r.get(2)?,
             error: r.get(3)?,
@@ -627,17 +722,18 @@ impl Broker for SqliteBroker {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            durable: true,
-            delay: true,
-            priority: true,
-            many_queues: true,
-            broadcast: true,
-            atomic_batch: true,
-            reconnect: true,
-            unique: true,
-            server_time: true,
-        }
+        let mut caps = Capabilities::none();
+        caps.durable = true;
+        caps.delay = true;
+        caps.priority = true;
+        caps.many_queues = true;
+        caps.broadcast = true;
+        caps.atomic_batch = true;
+        caps.reconnect = true;
+        caps.unique = true;
+        caps.server_time = true;
+        caps.limits = Limits::unbounded(self.opts.max_envelope_bytes);
+        caps
     }
 
     async fn publish(&self, envelope: Envelope) -> Result<Published, BrokerError> {
@@ -656,6 +752,35 @@ impl Broker for SqliteBroker {
             .map(|e| self.prepare(e))
             .collect::<Result<Vec<_>, _>>()?;
         self.store(rows).await
+    }
+
+    async fn publish_in(
+        &self,
+        tx: &mut (dyn Any + Send),
+        envelopes: Vec<Envelope>,
+    ) -> Result<Vec<Published>, BrokerError> {
+        let Some(conn) = tx.downcast_mut::<Connection>() else {
+            return Err(BrokerError::Invalid(String::from(
+                "publish_in on SQLite takes a `rusqlite::Connection` (stem::adapters::sqlite::rusqlite) open on the broker's file, inside BEGIN",
+            )));
+        };
+        if conn.is_autocommit() {
+            return Err(BrokerError::Invalid(String::from(
+                "publish_in needs an open transaction: run BEGIN (or BEGIN IMMEDIATE) on the connection first, then COMMIT after",
+            )));
+        }
+        let rows = envelopes
+            .iter()
+            .map(|e| self.prepare(e))
+            .collect::<Result<Vec<_>, _>>()?;
+        let adapter = self.shared.describe();
+        insert_rows(conn, &self.ns, &adapter, &rows).map_err(|f| match f {
+            Fail::Other(e) => e,
+            Fail::Db(e) => BrokerError::Storage {
+                adapter: adapter.clone(),
+                reason: e.reason,
+            },
+        })
     }
 
     async fn fetch(&self, req: &FetchRequest) -> Result<Vec<Delivery>, BrokerError> {
@@ -690,235 +815,162 @@ impl Broker for SqliteBroker {
         }
     }
 
-    async fn ack(&self, receipt: &Receipt) -> Result<(), BrokerError> {
-        let mut done = self.ack_batch(std::slice::from_ref(receipt)).await?;
-        if done.pop() == Some(true) {
-            Ok(())
-        } else {
-            Err(BrokerError::LeaseLost {
-                task_id: receipt.task_id,
-            })
-        }
-    }
-
-    async fn ack_many(&self, receipts: &[Receipt]) -> Vec<Result<(), BrokerError>> {
+    async fn extend_leases(
+        &self,
+        receipts: &[Receipt],
+        lease: Duration,
+    ) -> Vec<Result<(), BrokerError>> {
         if receipts.is_empty() {
             return Vec::new();
         }
-        match self.ack_batch(receipts).await {
-            Ok(done) => done
-                .into_iter()
-                .zip(receipts)
-                .map(|(ok, r)| {
-                    if ok {
-                        Ok(())
-                    } else {
-                        Err(BrokerError::LeaseLost { task_id: r.task_id })
-                    }
-                })
-                .collect(),
-            Err(e) => receipts.iter().map(|_| Err(e.clone())).collect(),
-        }
-    }
-
-    async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<(), BrokerError> {
-        let lost = BrokerError::LeaseLost {
-            task_id: receipt.task_id,
-        };
-        let Some((seq, token)) = lease_of(receipt) else {
-            return Err(lost);
-        };
         let ns = self.ns.clone();
+        let leases: Vec<Option<(i64, i64)>> = receipts.iter().map(lease_of).collect();
         let changed = self
             .write(move |c| {
-                Ok(c.prepare_cached(concat!(
+                let mut st = c.prepare_cached(concat!(
                     "UPDATE stem_jobs SET state = 2, due_ms = ",
                     now_sql!(),
                     " + ?1 WHERE seq = ?2 AND ns = ?3 AND token = ?4 AND state IN (0, 2)"
-                ))?
-                .execute(params![ms_of(lease), seq, ns, token])?)
-            })
-            .await?;
-        if changed == 1 { Ok(()) } else { Err(lost) }
-    }
-
-    async fn nack(&self, receipt: &Receipt, nack: Nack) -> Result<(), BrokerError> {
-        let lost = BrokerError::LeaseLost {
-            task_id: receipt.task_id,
-        };
-        let Some((seq, token)) = lease_of(receipt) else {
-            return Err(lost);
-        };
-        let (state, delay) = if nack.after.is_zero() {
-            (0, 0)
-        } else {
-            (1, ms_of(nack.after))
-        };
-        let (payload, priority) = match &nack.envelope {
-            Some(env) => {
-                if env.id != receipt.task_id {
-                    return Err(BrokerError::Invalid(format!(
-                        "the replacement envelope's id {} is not the delivery's {}",
-                        env.id, receipt.task_id
-                    )));
+                ))?;
+                let mut out = Vec::with_capacity(leases.len());
+                for held in leases {
+                    out.push(match held {
+                        Some((seq, token)) => {
+                            st.execute(params![ms_of(lease), seq, ns, token])? == 1
+                        }
+                        None => false,
+                    });
                 }
-                (Some(env.encode()?), Some(i64::from(env.priority)))
-            }
-            None => (None, None),
-        };
-        let ns = self.ns.clone();
-        // The token moves on: the nacked receipt is spent, so a late
-        // extend or ack with it cannot lease the row again.
-        let changed = self
-            .write(move |c| {
-                Ok(c.prepare_cached(concat!(
-                    "UPDATE stem_jobs SET state = ?1, due_ms = ",
-                    now_sql!(),
-                    " + ?2, token = token + 1, payload = COALESCE(?3, payload), priority = COALESCE(?4, priority) \
-                     WHERE seq = ?5 AND ns = ?6 AND token = ?7 AND state IN (0, 2)"
-                ))?
-                .execute(params![state, delay, payload, priority, seq, ns, token])?)
+                Ok(out)
             })
-            .await?;
-        if changed != 1 {
-            return Err(lost);
-        }
-        if state == 0 {
-            self.shared.wake.signal(Kind::Jobs);
-        }
-        Ok(())
+            .await;
+        answers(receipts, changed)
     }
 
-    async fn dead_letter(
-        &self,
-        receipt: &Receipt,
-        request: DeadLetterRequest,
-    ) -> Result<(), BrokerError> {
-        let task_id = receipt.task_id;
-        let Some((seq, token)) = lease_of(receipt) else {
-            return Err(BrokerError::LeaseLost { task_id });
-        };
-        let replacement = request
-            .envelope
-            .as_ref()
-            .map(Envelope::encode)
-            .transpose()?;
+    async fn settle(&self, batch: &[Settlement]) -> Vec<Result<(), BrokerError>> {
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        let mut records = false;
+        let mut ready = false;
+        let jobs: Vec<(TaskId, SettleJob)> = batch
+            .iter()
+            .map(|s| {
+                let record = s.record.as_deref().and_then(|r| match SqliteBackend::encode(r) {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        tracing::error!(task_id = %r.id, error = %e, "task record does not encode; settling without it");
+                        None
+                    }
+                });
+                records |= record.is_some();
+                ready |= matches!(
+                    s.disposition,
+                    Disposition::Retry { after, .. } | Disposition::Release { after } if after.is_zero()
+                );
+                (
+                    s.receipt.task_id,
+                    SettleJob {
+                        lease: lease_of(&s.receipt),
+                        disposition: s.disposition.clone(),
+                        record,
+                    },
+                )
+            })
+            .collect();
         let ns = self.ns.clone();
         let retention = ms_of(self.opts.dead_letter_retention);
+        let done = self
+            .write(move |c| {
+                let mut out = Vec::with_capacity(jobs.len());
+                let now = super::now_ms();
+                for (id, job) in &jobs {
+                    let Some(lease) = job.lease else {
+                        out.push(false);
+                        continue;
+                    };
+                    let ok = settle_row(c, &ns, retention, *id, lease, &job.disposition)?;
+                    if ok && let Some(rec) = &job.record {
+                        upsert(c, &ns, rec, now)?;
+                    }
+                    out.push(ok);
+                }
+                Ok(out)
+            })
+            .await;
+        if ready {
+            self.shared.wake.signal(Kind::Jobs);
+        }
+        if records {
+            self.shared.wake.signal(Kind::Results);
+        }
+        let receipts: Vec<&Receipt> = batch.iter().map(|s| &s.receipt).collect();
+        match done {
+            Ok(done) => done
+                .into_iter()
+                .zip(receipts)
+                .map(|(ok, r)| if ok { Ok(()) } else { Err(r.lost()) })
+                .collect(),
+            Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+
+    fn stores_results_of(&self, backend: &dyn ResultBackend) -> bool {
+        backend
+            .as_any()
+            .and_then(|b| b.downcast_ref::<SqliteBackend>())
+            .is_some_and(|b| Arc::ptr_eq(&b.shared, &self.shared) && b.ns == self.ns)
+    }
+
+    fn queues(&self) -> Option<&dyn QueueAdmin> {
+        Some(self)
+    }
+
+    fn dead_letters(&self) -> Option<&dyn DeadLetters> {
+        Some(self)
+    }
+
+    fn broadcast(&self) -> Option<&dyn Broadcast> {
+        Some(self)
+    }
+
+    async fn try_lead(&self, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
+        let (ns, holder) = (self.ns.clone(), holder.to_owned());
+        self.write(move |c| {
+            let led: Option<String> = c
+                .prepare_cached(concat!(
+                    "INSERT INTO stem_leader (ns, holder, until_ms) VALUES (?1, ?2, ",
+                    now_sql!(),
+                    " + ?3) ON CONFLICT (ns) DO UPDATE SET holder = excluded.holder, until_ms = excluded.until_ms \
+                     WHERE stem_leader.holder = excluded.holder OR stem_leader.until_ms <= ",
+                    now_sql!(),
+                    " RETURNING holder"
+                ))?
+                .query_row(params![ns, holder, ms_of(ttl)], |r| r.get(0))
+                .optional()?;
+            Ok(led.is_some())
+        })
+        .await
+    }
+
+    async fn maintain(&self) -> Result<(), BrokerError> {
+        let ns = self.ns.clone();
         self.write(move |c| {
             let now = db_now(c)?;
-            let Some((queue, payload)) = take_row(c, &ns, seq, token)? else {
-                return Err(Fail::Other(BrokerError::LeaseLost { task_id }));
-            };
-            c.prepare_cached(INSERT_DEAD)?.execute(params![
-                ns,
-                queue,
-                task_id.to_string(),
-                request.reason,
-                request.error,
-                now,
-                now.saturating_add(retention),
-                replacement.unwrap_or(payload),
-                Option::<String>::None
-            ])?;
+            c.prepare_cached("DELETE FROM stem_dead WHERE ns = ?1 AND expires_ms <= ?2")?
+                .execute(params![ns, now])?;
+            c.prepare_cached("DELETE FROM stem_unique WHERE ns = ?1 AND until_ms <= ?2")?
+                .execute(params![ns, now])?;
+            c.prepare_cached("DELETE FROM stem_broadcast WHERE ns = ?1 AND sent_ms <= ?2")?
+                .execute(params![ns, now - BROADCAST_KEEP_MS])?;
             Ok(())
         })
         .await
     }
+}
 
-    async fn dead_letters(&self, queue: &str, page: Page) -> Result<Vec<DeadLetter>, BrokerError> {
-        let (ns, queue) = (self.ns.clone(), queue.to_owned());
-        self.read(move |c| {
-            let mut st = c.prepare_cached(concat!(
-                "SELECT id, queue, reason, error, dead_ms, envelope, raw FROM stem_dead \
-                 WHERE ns = ?1 AND queue = ?2 AND expires_ms > ",
-                now_sql!(),
-                " ORDER BY seq LIMIT ?3 OFFSET ?4"
-            ))?;
-            let rows = st.query_map(
-                params![
-                    ns,
-                    queue,
-                    i64::try_from(page.limit).unwrap_or(i64::MAX),
-                    i64::try_from(page.offset).unwrap_or(i64::MAX)
-                ],
-                Self::dead_letter_of,
-            )?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
-        .await
-    }
-
-    async fn dead_letter_count(&self, queue: &str) -> Result<u64, BrokerError> {
-        let (ns, queue) = (self.ns.clone(), queue.to_owned());
-        self.read(move |c| {
-            let n: i64 = c
-                .prepare_cached(concat!(
-                    "SELECT COUNT(*) FROM stem_dead WHERE ns = ?1 AND queue = ?2 AND expires_ms > ",
-                    now_sql!()
-                ))?
-                .query_row(params![ns, queue], |r| r.get(0))?;
-            Ok(u64_of(n))
-        })
-        .await
-    }
-
-    async fn replay_dead_letters(
-        &self,
-        queue: &str,
-        which: Replay,
-        reset_attempts: bool,
-    ) -> Result<u64, BrokerError> {
-        let (ns, queue) = (self.ns.clone(), queue.to_owned());
-        let replayed = self
-            .write(move |c| {
-                let now = db_now(c)?;
-                let rows: Vec<(i64, Option<Vec<u8>>)> = match which {
-                    Replay::One(id) => c
-                        .prepare_cached("SELECT seq, envelope FROM stem_dead WHERE ns = ?1 AND queue = ?2 AND id = ?3 AND expires_ms > ?4 ORDER BY seq")?
-                        .query_map(params![ns, queue, id.to_string(), now], |r| Ok((r.get(0)?, r.get(1)?)))?
-                        .collect::<Result<_, _>>()?,
-                    Replay::All => c
-                        .prepare_cached("SELECT seq, envelope FROM stem_dead WHERE ns = ?1 AND queue = ?2 AND expires_ms > ?3 ORDER BY seq")?
-                        .query_map(params![ns, queue, now], |r| Ok((r.get(0)?, r.get(1)?)))?
-                        .collect::<Result<_, _>>()?,
-                };
-                let mut replayed = 0u64;
-                for (seq, envelope) in rows {
-                    let Some(mut env) = envelope.and_then(|b| Envelope::decode(&b).ok()) else {
-                        continue; // garbage stays dead: there is nothing to run
-                    };
-                    if reset_attempts {
-                        env.attempt = 0;
-                        env.last_error = None;
-                    }
-                    let payload = env.encode().map_err(|e| Fail::Other(e.into()))?;
-                    c.prepare_cached("INSERT INTO stem_jobs (ns, id, queue, priority, state, due_ms, payload) VALUES (?1, ?2, ?3, ?4, 0, 0, ?5)")?
-                        .execute(params![ns, env.id.to_string(), env.queue, i64::from(env.priority), payload])?;
-                    c.prepare_cached("DELETE FROM stem_dead WHERE seq = ?1")?
-                        .execute(params![seq])?;
-                    replayed += 1;
-                }
-                Ok(replayed)
-            })
-            .await?;
-        if replayed > 0 {
-            self.shared.wake.signal(Kind::Jobs);
-        }
-        Ok(replayed)
-    }
-
-    async fn purge_dead_letters(&self, queue: &str) -> Result<u64, BrokerError> {
-        let (ns, queue) = (self.ns.clone(), queue.to_owned());
-        self.write(move |c| {
-            let n = c
-                .prepare_cached("DELETE FROM stem_dead WHERE ns = ?1 AND queue = ?2")?
-                .execute(params![ns, queue])?;
-            Ok(n as u64)
-        })
-        .await
-    }
-
+#[async_trait]
+impl QueueAdmin for SqliteBroker {
     async fn stats(&self, queue: &str) -> Result<QueueStats, BrokerError> {
         let (ns, q) = (self.ns.clone(), queue.to_owned());
         // Ready rows are counted from the ready index alone; only the (few)
@@ -943,7 +995,7 @@ impl Broker for SqliteBroker {
                 })?)
             })
             .await?;
-        let dead = self.dead_letter_count(queue).await?;
+        let dead = DeadLetters::count(self, queue).await?;
         Ok(QueueStats {
             ready: u64_of(ready),
             delayed: u64_of(delayed),
@@ -980,8 +1032,151 @@ impl Broker for SqliteBroker {
         })
         .await
     }
+}
 
-    async fn broadcast(&self, channel: &str, payload: &str) -> Result<(), BrokerError> {
+#[async_trait]
+impl DeadLetters for SqliteBroker {
+    async fn list(
+        &self,
+        queue: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<DeadLetterPage, BrokerError> {
+        let from: i64 = match cursor {
+            None => 0,
+            Some(c) => c.parse().map_err(|_| {
+                BrokerError::Invalid(format!(
+                    "dead-letter cursor `{c}` is not one this broker handed out; pass back `next` unchanged"
+                ))
+            })?,
+        };
+        let (ns, queue) = (self.ns.clone(), queue.to_owned());
+        let want = i64::try_from(limit).unwrap_or(i64::MAX - 1);
+        let mut rows: Vec<(i64, DeadLetter)> = self
+            .read(move |c| {
+                let mut st = c.prepare_cached(concat!(
+                    "SELECT id, queue, reason, error, dead_ms, envelope, raw, seq FROM stem_dead \
+                     WHERE ns = ?1 AND queue = ?2 AND seq >= ?3 AND expires_ms > ",
+                    now_sql!(),
+                    " ORDER BY seq LIMIT ?4"
+                ))?;
+                let rows = st.query_map(params![ns, queue, from, want.saturating_add(1)], |r| {
+                    Ok((r.get(7)?, Self::dead_letter_of(r)?))
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await?;
+        let next = (rows.len() > limit).then(|| rows[limit].0.to_string());
+        rows.truncate(limit);
+        Ok(DeadLetterPage {
+            items: rows.into_iter().map(|(_, d)| d).collect(),
+            next,
+        })
+    }
+
+    async fn count(&self, queue: &str) -> Result<u64, BrokerError> {
+        let (ns, queue) = (self.ns.clone(), queue.to_owned());
+        self.read(move |c| {
+            let n: i64 = c
+                .prepare_cached(concat!(
+                    "SELECT COUNT(*) FROM stem_dead WHERE ns = ?1 AND queue = ?2 AND expires_ms > ",
+                    now_sql!()
+                ))?
+                .query_row(params![ns, queue], |r| r.get(0))?;
+            Ok(u64_of(n))
+        })
+        .await
+    }
+
+    async fn replay(
+        &self,
+        queue: &str,
+        which: Replay,
+        reset_attempts: bool,
+    ) -> Result<u64, BrokerError> {
+        let (ns, queue) = (self.ns.clone(), queue.to_owned());
+        let replayed = self
+            .write(move |c| {
+                let now = db_now(c)?;
+                let rows: Vec<(i64, Option<Vec<u8>>)> = match which {
+                    Replay::One(id) => c
+                        .prepare_cached("SELECT seq, envelope FROM stem_dead WHERE ns = ?1 AND queue = ?2 AND id = ?3 AND expires_ms > ?4 ORDER BY seq")?
+                        .query_map(params![ns, queue, id.to_string(), now], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<Result<_, _>>()?,
+                    Replay::All => c
+                        .prepare_cached("SELECT seq, envelope FROM stem_dead WHERE ns = ?1 AND queue = ?2 AND expires_ms > ?3 ORDER BY seq")?
+                        .query_map(params![ns, queue, now], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<Result<_, _>>()?,
+                };
+                let mut replayed = 0u64;
+                for (seq, envelope) in rows {
+                    let Some(mut env) = envelope.and_then(|b| Envelope::decode(&b).ok()) else {
+                        if let Replay::One(id) = which {
+                            return Err(Fail::Other(BrokerError::Invalid(format!(
+                                "dead letter {id} holds bytes that are not an envelope and cannot be replayed; inspect its `raw` text and purge it"
+                            ))));
+                        }
+                        continue; // garbage stays dead: there is nothing to run
+                    };
+                    if reset_attempts {
+                        env.attempt = 0;
+                        env.last_error = None;
+                    }
+                    let payload = env.encode().map_err(|e| Fail::Other(e.into()))?;
+                    // The unique key is taken again when it is free and its
+                    // window still open, as at publish (B17).
+                    let id_text = env.id.to_string();
+                    let key = match &env.unique {
+                        Some(u) if u.until.timestamp_millis() > now => {
+                            let taken = c
+                                .prepare_cached(
+                                    "INSERT INTO stem_unique (ns, key, holder, until_ms) VALUES (?1, ?2, ?3, ?4) \
+                                     ON CONFLICT (ns, key) DO UPDATE SET holder = excluded.holder, until_ms = excluded.until_ms \
+                                     WHERE stem_unique.until_ms <= ?5 OR stem_unique.holder = excluded.holder",
+                                )?
+                                .execute(params![ns, u.key, id_text, u.until.timestamp_millis(), now])?;
+                            (taken == 1).then(|| (u.key.clone(), u.release == UniqueRelease::OnFinish))
+                        }
+                        _ => None,
+                    };
+                    c.prepare_cached("INSERT INTO stem_jobs (ns, id, queue, priority, state, due_ms, unique_key, unique_on_finish, payload) VALUES (?1, ?2, ?3, ?4, 0, 0, ?5, ?6, ?7)")?
+                        .execute(params![
+                            ns,
+                            id_text,
+                            env.queue,
+                            i64::from(env.priority),
+                            key.as_ref().map(|k| &k.0),
+                            key.as_ref().is_some_and(|k| k.1),
+                            payload
+                        ])?;
+                    c.prepare_cached("DELETE FROM stem_dead WHERE seq = ?1")?
+                        .execute(params![seq])?;
+                    replayed += 1;
+                }
+                Ok(replayed)
+            })
+            .await?;
+        if replayed > 0 {
+            self.shared.wake.signal(Kind::Jobs);
+        }
+        Ok(replayed)
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
+        let (ns, queue) = (self.ns.clone(), queue.to_owned());
+        self.write(move |c| {
+            let n = c
+                .prepare_cached("DELETE FROM stem_dead WHERE ns = ?1 AND queue = ?2")?
+                .execute(params![ns, queue])?;
+            Ok(n as u64)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Broadcast for SqliteBroker {
+    async fn send(&self, channel: &str, payload: &str) -> Result<(), BrokerError> {
         if channel.is_empty() {
             return Err(BrokerError::Invalid(String::from(
                 "the broadcast channel name is empty",
@@ -1065,20 +1260,20 @@ impl Broker for SqliteBroker {
             rx.recv().await.map(|m| (m, rx))
         })))
     }
+}
 
-    async fn maintain(&self) -> Result<(), BrokerError> {
-        let ns = self.ns.clone();
-        self.write(move |c| {
-            let now = db_now(c)?;
-            c.prepare_cached("DELETE FROM stem_dead WHERE ns = ?1 AND expires_ms <= ?2")?
-                .execute(params![ns, now])?;
-            c.prepare_cached("DELETE FROM stem_unique WHERE ns = ?1 AND until_ms <= ?2")?
-                .execute(params![ns, now])?;
-            c.prepare_cached("DELETE FROM stem_broadcast WHERE ns = ?1 AND sent_ms <= ?2")?
-                .execute(params![ns, now - BROADCAST_KEEP_MS])?;
-            Ok(())
-        })
-        .await
+/// One answer per receipt from a batch of fenced writes.
+fn answers(
+    receipts: &[Receipt],
+    done: Result<Vec<bool>, BrokerError>,
+) -> Vec<Result<(), BrokerError>> {
+    match done {
+        Ok(done) => done
+            .into_iter()
+            .zip(receipts)
+            .map(|(ok, r)| if ok { Ok(()) } else { Err(r.lost()) })
+            .collect(),
+        Err(e) => receipts.iter().map(|_| Err(e.clone())).collect(),
     }
 }
 

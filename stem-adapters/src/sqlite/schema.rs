@@ -117,6 +117,15 @@ const MIGRATIONS: &[&str] = &[
     r"
     DROP INDEX stem_jobs_id;
     ",
+    // 4: the namespace's housekeeping lease, so one worker of many runs
+    // `maintain` (Broker::try_lead).
+    r"
+    CREATE TABLE stem_leader (
+        ns         TEXT    NOT NULL PRIMARY KEY,
+        holder     TEXT    NOT NULL,
+        until_ms   INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    ",
 ];
 
 /// The schema version this build writes.

@@ -10,10 +10,11 @@ use futures::StreamExt;
 
 use crate::backend::{TaskRecord, TaskState};
 
+use super::ops::BrokerOps;
 use super::{AdapterFactory, KitOptions, eventually, guarded, skip};
 use crate::broker::{
-    BroadcastStream, Broker, DeadLetterRequest, Delivery, FetchRequest, Nack, Page, Published,
-    QueueStats, Replay,
+    BroadcastStream, Broker, Delivery, Disposition, FetchRequest, Published, QueueStats, Replay,
+    Settlement,
 };
 use crate::envelope::{Envelope, TaskId, Unique, UniqueRelease};
 use crate::error::BrokerError;
@@ -84,7 +85,7 @@ async fn assert_nothing(b: &dyn Broker, queues: &[&str], during: Duration, why: 
         got.is_empty(),
         "{why}: expected no delivery, got {:?}",
         got.iter()
-            .map(|d| (d.envelope.id, d.delivery_count))
+            .map(|d| (d.envelope.id, d.deliveries))
             .collect::<Vec<_>>()
     );
 }
@@ -154,7 +155,7 @@ pub async fn b02_at_least_once(f: &dyn AdapterFactory) {
         let got = fetch(&*first, &req(&["alo"], 1, LEASE)).await;
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].envelope.id, id);
-        assert_eq!(got[0].delivery_count, 1, "first delivery counts 1");
+        assert_eq!(got[0].deliveries, 1, "first delivery counts 1");
         let taken = Instant::now();
 
         // Abandoned: another consumer gets it once the lease runs out.
@@ -177,7 +178,7 @@ pub async fn b02_at_least_once(f: &dyn AdapterFactory) {
             taken.elapsed()
         );
         assert_eq!(again[0].envelope.id, id);
-        assert_eq!(again[0].delivery_count, 2, "the delivery count increases");
+        assert_eq!(again[0].deliveries, 2, "the delivery count increases");
         assert_eq!(n_of(&again[0].envelope), 1);
         second
             .ack(&again[0].receipt)
@@ -209,7 +210,7 @@ pub async fn b02_at_least_once(f: &dyn AdapterFactory) {
                 .collect::<Vec<_>>(),
             "exactly the unacked ones return"
         );
-        assert!(back.iter().all(|d| d.delivery_count == 2));
+        assert!(back.iter().all(|d| d.deliveries == 2));
         assert_nothing(
             &*second,
             &["alo-many"],
@@ -315,16 +316,13 @@ pub async fn b04_ack_final_and_fenced(f: &dyn AdapterFactory) {
         let old = &stale[0].receipt;
         lease_lost(b.ack(old).await, "stale ack", id2);
         lease_lost(b.extend_lease(old, LONG_LEASE).await, "stale extend", id2);
+        lease_lost(b.release(old, Duration::ZERO).await, "stale release", id2);
         lease_lost(
-            b.nack(old, Nack::after(Duration::ZERO)).await,
-            "stale nack",
+            b.retry(old, Duration::ZERO, "stale").await,
+            "stale retry",
             id2,
         );
-        lease_lost(
-            b.dead_letter(old, DeadLetterRequest::new("stale")).await,
-            "stale dead_letter",
-            id2,
-        );
+        lease_lost(b.dead_letter(old, "stale").await, "stale dead_letter", id2);
         let results = b.ack_many(std::slice::from_ref(old)).await;
         assert_eq!(results.len(), 1);
         lease_lost(results[0].clone(), "stale ack_many", id2);
@@ -411,7 +409,7 @@ pub async fn b05_extend_lease(f: &dyn AdapterFactory) {
             LEASE * 2
         );
         assert_eq!(back[0].envelope.id, id);
-        assert_eq!(back[0].delivery_count, 2);
+        assert_eq!(back[0].deliveries, 2);
     })
     .await;
 }
@@ -427,9 +425,9 @@ pub async fn b06_nack_and_dead_letter(f: &dyn AdapterFactory) {
         // nack(0): deliverable again now.
         let id = publish(&*b, job("nack", 1)).await;
         let got = fetch(&*b, &req(&["nack"], 1, LONG_LEASE)).await;
-        b.nack(&got[0].receipt, Nack::after(Duration::ZERO))
+        b.release(&got[0].receipt, Duration::ZERO)
             .await
-            .expect("nack now");
+            .expect("release now");
         // The nacked receipt is spent: a late renewal or ack with it
         // neither leases the envelope again nor removes it.
         assert!(
@@ -449,21 +447,17 @@ pub async fn b06_nack_and_dead_letter(f: &dyn AdapterFactory) {
         let again = fetch_n(&*b, &["nack"], 1, LONG_LEASE, Duration::from_secs(2)).await;
         assert_eq!(again.len(), 1, "nack(0) makes it deliverable at once");
         assert_eq!(again[0].envelope.id, id);
-        assert_eq!(again[0].delivery_count, 2);
+        assert_eq!(again[0].deliveries, 2);
 
-        // nack(delay) with a replacement envelope.
+        assert_eq!(again[0].envelope.attempt, 0, "a release charges no attempt");
+
+        // retry(delay): an attempt is charged, the error kept.
         if caps.delay {
-            let mut replacement = Envelope::clone(&again[0].envelope);
-            replacement.attempt = 1;
-            replacement.last_error = Some(String::from("boom"));
             let delay = Duration::from_millis(500);
             let nacked = Instant::now();
-            b.nack(
-                &again[0].receipt,
-                Nack::after(delay).with_envelope(replacement),
-            )
-            .await
-            .expect("nack with a delay");
+            b.retry(&again[0].receipt, delay, "boom")
+                .await
+                .expect("retry with a delay");
             assert_eq!(
                 stats(&*b, "nack").await.ready,
                 0,
@@ -477,10 +471,7 @@ pub async fn b06_nack_and_dead_letter(f: &dyn AdapterFactory) {
                 nacked.elapsed()
             );
             assert!(nacked.elapsed() <= delay + f.tick() + Duration::from_secs(1));
-            assert_eq!(
-                later[0].envelope.attempt, 1,
-                "the replacement envelope is stored"
-            );
+            assert_eq!(later[0].envelope.attempt, 1, "the retry charged an attempt");
             assert_eq!(later[0].envelope.last_error.as_deref(), Some("boom"));
             b.ack(&later[0].receipt).await.expect("ack");
         } else {
@@ -494,16 +485,16 @@ pub async fn b06_nack_and_dead_letter(f: &dyn AdapterFactory) {
         let id = publish(&*b, env).await;
         let got = fetch(&*b, &req(&["dlq"], 1, LONG_LEASE)).await;
         let before = Utc::now();
-        let mut request = DeadLetterRequest::new("kit: gave up");
-        request.error = Some(String::from("kit: last error"));
-        b.dead_letter(&got[0].receipt, request)
+        let request = Disposition::DeadLetter {
+            reason: String::from("kit: gave up"),
+            error: Some(String::from("kit: last error")),
+            charge: true,
+        };
+        b.settle_one(Settlement::new(got[0].receipt.clone(), request))
             .await
             .expect("dead_letter");
         let after = Utc::now();
-        let dead = b
-            .dead_letters("dlq", Page::first(10))
-            .await
-            .expect("dead_letters");
+        let dead = b.list_dead("dlq", 10).await.expect("dead_letters");
         assert_eq!(dead.len(), 1);
         let d = &dead[0];
         assert_eq!(d.id, id);
@@ -520,6 +511,11 @@ pub async fn b06_nack_and_dead_letter(f: &dyn AdapterFactory) {
         assert_eq!(stored.id, id);
         assert_eq!(n_of(stored), 7);
         assert_eq!(stored.headers.get("trace").map(String::as_str), Some("t-1"));
+        assert_eq!(
+            stored.attempt, 1,
+            "a charging dead letter counts the last attempt"
+        );
+        assert_eq!(stored.last_error.as_deref(), Some("kit: last error"));
         let s = stats(&*b, "dlq").await;
         assert_eq!((s.ready, s.leased, s.dead), (0, 0, 1), "{s:?}");
         assert_nothing(
@@ -558,35 +554,49 @@ pub async fn b07_dead_letters(f: &dyn AdapterFactory) {
             let got = fetch(&*b, &req(&["dl"], 1, LONG_LEASE)).await;
             assert_eq!(got.len(), 1);
             assert_eq!(got[0].envelope.id, *id, "fetched in publish order");
-            b.dead_letter(
-                &got[0].receipt,
-                DeadLetterRequest::new(format!("reason {n}")),
-            )
-            .await
-            .expect("dead_letter");
+            b.dead_letter(&got[0].receipt, &format!("reason {n}"))
+                .await
+                .expect("dead_letter");
         }
         assert_eq!(b.dead_letter_count("dl").await.expect("count"), 5);
 
-        // Paged, oldest first.
-        let page = |offset, limit| {
+        // Paged by cursor, oldest first; the last page has no cursor.
+        let dl = b.dead_letters().expect("B7 needs DeadLetters");
+        let mut pages = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = dl
+                .list("dl", cursor.as_deref(), 2)
+                .await
+                .expect("dead letters page");
+            assert!(page.items.len() <= 2, "a page holds at most its limit");
+            pages.push(page.items.iter().map(|d| d.id).collect::<Vec<_>>());
+            match page.next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+            assert!(pages.len() <= 5, "the cursor does not end");
+        }
+        assert_eq!(pages.concat(), ids, "every dead letter once, oldest first");
+        assert_eq!(pages[0], ids[0..2]);
+        assert_eq!(pages[1], ids[2..4]);
+        let whole = dl.list("dl", None, 10).await.expect("one page");
+        assert_eq!(whole.items.len(), 5);
+        assert!(whole.next.is_none(), "no cursor after the last page");
+        let page = |offset: usize, limit: usize| {
             let b = b.clone();
             async move {
-                b.dead_letters("dl", Page { offset, limit })
+                b.list_dead("dl", usize::MAX)
                     .await
                     .expect("dead_letters")
                     .into_iter()
+                    .skip(offset)
+                    .take(limit)
                     .map(|d| d.id)
                     .collect::<Vec<_>>()
             }
         };
-        assert_eq!(page(0, 2).await, ids[0..2]);
-        assert_eq!(page(2, 2).await, ids[2..4]);
-        assert_eq!(page(4, 10).await, ids[4..5]);
-        assert!(page(5, 10).await.is_empty());
-        let listed = b
-            .dead_letters("dl", Page::first(10))
-            .await
-            .expect("dead_letters");
+        let listed = b.list_dead("dl", 10).await.expect("dead_letters");
         let reasons: Vec<&str> = listed.iter().map(|d| d.reason.as_str()).collect();
         assert_eq!(
             reasons,
@@ -640,7 +650,7 @@ pub async fn b07_dead_letters(f: &dyn AdapterFactory) {
 
         // Purge.
         for d in &got[..2] {
-            b.dead_letter(&d.receipt, DeadLetterRequest::new("again"))
+            b.dead_letter(&d.receipt, "again")
                 .await
                 .expect("dead_letter");
         }
@@ -657,7 +667,7 @@ pub async fn b07_dead_letters(f: &dyn AdapterFactory) {
         let s = f.broker(&short).await;
         publish(&*s, job("dl", 9)).await;
         let got = fetch(&*s, &req(&["dl"], 1, LONG_LEASE)).await;
-        s.dead_letter(&got[0].receipt, DeadLetterRequest::new("expiring"))
+        s.dead_letter(&got[0].receipt, "expiring")
             .await
             .expect("dead_letter");
         assert_eq!(
@@ -674,10 +684,7 @@ pub async fn b07_dead_letters(f: &dyn AdapterFactory) {
                 async move {
                     s.maintain().await.expect("maintain");
                     s.dead_letter_count("dl").await.expect("count") == 0
-                        && s.dead_letters("dl", Page::first(10))
-                            .await
-                            .expect("list")
-                            .is_empty()
+                        && s.list_dead("dl", 10).await.expect("list").is_empty()
                 }
             },
         )
@@ -890,11 +897,11 @@ pub async fn b11_broadcast(f: &dyn AdapterFactory) {
         let mut other = c.subscribe("kit-other").await.expect("subscribe");
 
         sender
-            .broadcast("kit-control", "m1")
+            .broadcast_send("kit-control", "m1")
             .await
             .expect("broadcast");
         sender
-            .broadcast("kit-control", r#"{"cmd":"m2"}"#)
+            .broadcast_send("kit-control", r#"{"cmd":"m2"}"#)
             .await
             .expect("broadcast");
         let wait = Duration::from_secs(3);
@@ -926,7 +933,7 @@ pub async fn b11_broadcast(f: &dyn AdapterFactory) {
         drop(sub_b);
         let mut late = a.subscribe("kit-control").await.expect("subscribe");
         sender
-            .broadcast("kit-control", "m3")
+            .broadcast_send("kit-control", "m3")
             .await
             .expect("broadcast");
         assert_eq!(next_message(&mut late, wait).await.as_deref(), Some("m3"));
@@ -938,7 +945,7 @@ pub async fn b11_broadcast(f: &dyn AdapterFactory) {
 
         // Broadcasting with nobody listening is not an error.
         sender
-            .broadcast("kit-nobody", "x")
+            .broadcast_send("kit-nobody", "x")
             .await
             .expect("broadcast to no subscriber");
     })
@@ -958,7 +965,7 @@ pub async fn b12_namespaces(f: &dyn AdapterFactory) {
         publish(&*a, job("shared-name", 1)).await;
         publish(&*a, job("shared-name", 2)).await;
         let got = fetch(&*a, &req(&["shared-name"], 1, LONG_LEASE)).await;
-        a.dead_letter(&got[0].receipt, DeadLetterRequest::new("kit"))
+        a.dead_letter(&got[0].receipt, "kit")
             .await
             .expect("dead_letter");
         assert_eq!(
@@ -975,7 +982,7 @@ pub async fn b12_namespaces(f: &dyn AdapterFactory) {
         .await;
         assert_eq!(b.dead_letter_count("shared-name").await.expect("count"), 0);
         assert!(
-            b.dead_letters("shared-name", Page::first(10))
+            b.list_dead("shared-name", 10)
                 .await
                 .expect("list")
                 .is_empty()
@@ -1018,7 +1025,9 @@ pub async fn b12_namespaces(f: &dyn AdapterFactory) {
         if caps.broadcast {
             let mut in_a = a.subscribe("kit-ns").await.expect("subscribe");
             let mut in_b = b.subscribe("kit-ns").await.expect("subscribe");
-            a.broadcast("kit-ns", "only-a").await.expect("broadcast");
+            a.broadcast_send("kit-ns", "only-a")
+                .await
+                .expect("broadcast");
             assert_eq!(
                 next_message(&mut in_a, Duration::from_secs(3))
                     .await
@@ -1092,7 +1101,7 @@ pub async fn b13_stats_and_purge(f: &dyn AdapterFactory) {
         );
         let got = fetch(&*b, &req(&["st"], 2, LONG_LEASE)).await;
         assert_eq!(got.len(), 2);
-        b.dead_letter(&got[1].receipt, DeadLetterRequest::new("kit"))
+        b.dead_letter(&got[1].receipt, "kit")
             .await
             .expect("dead_letter");
         assert_eq!(
@@ -1374,10 +1383,7 @@ pub async fn b16_bad_input(f: &dyn AdapterFactory) {
             "garbage is never delivered",
         )
         .await;
-        let dead = b
-            .dead_letters("garbage", Page::first(10))
-            .await
-            .expect("dead_letters");
+        let dead = b.list_dead("garbage", 10).await.expect("dead_letters");
         assert_eq!(
             dead.len(),
             3,
@@ -1559,7 +1565,7 @@ pub async fn b17_unique(f: &dyn AdapterFactory) {
         .await;
         let got = fetch(&*b, &req(&["uq-dead"], 1, LONG_LEASE)).await;
         assert_eq!(got[0].envelope.id, held);
-        b.dead_letter(&got[0].receipt, DeadLetterRequest::new("kit"))
+        b.dead_letter(&got[0].receipt, "kit")
             .await
             .expect("dead_letter");
         let after = b

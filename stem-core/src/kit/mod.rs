@@ -76,6 +76,7 @@
 
 pub mod backend;
 pub mod broker;
+mod ops;
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;

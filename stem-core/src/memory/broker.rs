@@ -9,7 +9,6 @@
 use std::cmp::{Ordering as CmpOrdering, Reverse};
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -21,8 +20,9 @@ use tokio::sync::{Notify, broadcast};
 
 use super::MemoryOptions;
 use crate::broker::{
-    BroadcastMessage, BroadcastStream, Broker, Capabilities, DeadLetter, DeadLetterRequest,
-    Delivery, FetchRequest, Nack, Page, Published, QueueStats, Receipt, Replay,
+    Broadcast, BroadcastMessage, BroadcastStream, Broker, Capabilities, DeadLetter, DeadLetterPage,
+    DeadLetters, Delivery, Disposition, FetchRequest, Limits, Published, QueueAdmin, QueueStats,
+    Receipt, Replay, Settlement, charged, check_envelope, undecodable_reason,
 };
 use crate::envelope::{Envelope, MAX_PRIORITY, TaskId, UniqueRelease};
 use crate::error::BrokerError;
@@ -115,11 +115,11 @@ impl InMemoryBroker {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), stem_core::StemError> {
-    /// use stem_core::{Broker, FetchRequest, Page};
+    /// use stem_core::{Broker, DeadLetters, FetchRequest};
     /// let broker = stem_core::memory::InMemoryBroker::new();
     /// broker.insert_raw("jobs", b"{not json".to_vec());
     /// assert!(broker.fetch(&FetchRequest::new(["jobs"], 1)).await?.is_empty());
-    /// let dead = broker.dead_letters("jobs", Page::first(10)).await?;
+    /// let dead = DeadLetters::list(&broker, "jobs", None, 10).await?.items;
     /// assert!(dead[0].reason.starts_with("undecodable envelope"));
     /// assert_eq!(dead[0].raw.as_deref(), Some("{not json"));
     /// # Ok(()) }
@@ -138,18 +138,16 @@ impl InMemoryBroker {
         self.core.wake();
     }
 
-    fn capabilities_const() -> Capabilities {
-        Capabilities {
-            durable: false,
-            delay: true,
-            priority: true,
-            many_queues: true,
-            broadcast: true,
-            atomic_batch: true,
-            reconnect: false,
-            unique: true,
-            server_time: false,
-        }
+    fn capabilities_const(max_envelope_bytes: usize) -> Capabilities {
+        let mut caps = Capabilities::none();
+        caps.delay = true;
+        caps.priority = true;
+        caps.many_queues = true;
+        caps.broadcast = true;
+        caps.atomic_batch = true;
+        caps.unique = true;
+        caps.limits = Limits::unbounded(max_envelope_bytes);
+        caps
     }
 }
 
@@ -214,8 +212,10 @@ struct Queue {
     delayed: BinaryHeap<Reverse<Delayed>>,
     /// Live leases on this queue.
     leased: u64,
-    /// Dead letters, oldest first.
-    dead: VecDeque<DeadLetter>,
+    /// Dead letters, oldest first, each with its listing position.
+    dead: VecDeque<(u64, DeadLetter)>,
+    /// The next dead letter's listing position (the cursor of B7).
+    next_dead: u64,
 }
 
 impl Queue {
@@ -227,7 +227,14 @@ impl Queue {
             delayed: BinaryHeap::new(),
             leased: 0,
             dead: VecDeque::new(),
+            next_dead: 0,
         }
+    }
+
+    /// Adds a dead letter at the end of the listing.
+    fn bury(&mut self, dead: DeadLetter) {
+        self.dead.push_back((self.next_dead, dead));
+        self.next_dead += 1;
     }
 
     fn push_ready(&mut self, priority: u8, entry: Entry, front: bool) {
@@ -272,7 +279,7 @@ impl Queue {
         while self
             .dead
             .front()
-            .is_some_and(|d| d.dead_at + retention <= now)
+            .is_some_and(|(_, d)| d.dead_at + retention <= now)
         {
             self.dead.pop_front();
         }
@@ -454,7 +461,8 @@ impl State {
 
     /// Removes the lease behind `receipt`, or says it is lost (B4).
     fn take_lease(&mut self, receipt: &Receipt) -> Result<Lease, BrokerError> {
-        let lease = match self.leases.entry(receipt.token) {
+        let token = lease_token(receipt).ok_or_else(|| receipt.lost())?;
+        let lease = match self.leases.entry(token) {
             MapEntry::Occupied(l) if l.get().task_id == receipt.task_id => l.remove(),
             _ => {
                 return Err(BrokerError::LeaseLost {
@@ -468,12 +476,26 @@ impl State {
         Ok(lease)
     }
 
-    /// Acks `receipt`; the lease comes back so the caller can drop it
-    /// (and free its envelope) after letting go of the lock.
-    fn ack(&mut self, receipt: &Receipt) -> Result<Lease, BrokerError> {
-        let lease = self.take_lease(receipt)?;
-        self.release_unique(&lease.envelope, false);
-        Ok(lease)
+    /// Puts a settled delivery back in `queue`, deliverable after `after`.
+    /// A zero delay means "now", even when the envelope's own
+    /// `not_before` is still ahead.
+    fn requeue(
+        &mut self,
+        mut env: Arc<Envelope>,
+        queue: &Arc<str>,
+        deliveries: u32,
+        after: Duration,
+        now: DateTime<Utc>,
+    ) {
+        if env.queue != **queue {
+            Arc::make_mut(&mut env).queue = queue.to_string();
+        }
+        let at =
+            (!after.is_zero()).then(|| now + TimeDelta::from_std(after).unwrap_or(TimeDelta::MAX));
+        if at.is_none() && env.not_before.is_some() {
+            Arc::make_mut(&mut env).not_before = None;
+        }
+        self.enqueue_at(env, deliveries, at, now);
     }
 
     /// The earliest time something may become deliverable in `queues`.
@@ -494,6 +516,14 @@ impl State {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+}
+
+/// The lease token of one of this broker's receipts.
+const fn lease_token(receipt: &Receipt) -> Option<u64> {
+    match receipt.token() {
+        Some((token, _)) => Some(token),
+        None => None,
     }
 }
 
@@ -536,20 +566,7 @@ impl Core {
 
     /// Validates and size-checks an envelope (B16).
     fn check(&self, env: &Envelope) -> Result<(), BrokerError> {
-        env.validate()?;
-        let limit = self.options.max_envelope_bytes;
-        if encoded_size_bound(env) <= limit {
-            return Ok(());
-        }
-        let size = encoded_size(env);
-        if size > limit {
-            return Err(BrokerError::TooLarge {
-                task_id: env.id,
-                size,
-                limit,
-            });
-        }
-        Ok(())
+        check_envelope(env, self.options.max_envelope_bytes)
     }
 
     /// One pass of a fetch: leases what is ready now. Also returns when
@@ -595,9 +612,9 @@ impl Core {
                         Payload::Raw(bytes) => match Envelope::decode(&bytes) {
                             Ok(e) => Arc::new(e),
                             Err(err) => {
-                                let reason = format!("undecodable envelope: {err}");
+                                let reason = undecodable_reason(&err);
                                 tracing::warn!(queue = %q.name, %reason, "garbage in queue moved to dead letters");
-                                q.dead.push_back(DeadLetter {
+                                q.bury(DeadLetter {
                                     id: TaskId::new(),
                                     queue: q.name.to_string(),
                                     reason,
@@ -636,13 +653,8 @@ impl Core {
             .zip(first_token..)
             .map(|((queue, envelope, deliveries), token)| Delivery {
                 envelope: Arc::clone(envelope),
-                receipt: Receipt {
-                    task_id: envelope.id,
-                    queue: Arc::clone(queue),
-                    token,
-                    tag: String::new(),
-                },
-                delivery_count: *deliveries,
+                receipt: Receipt::with_token(envelope.id, Arc::clone(queue), token, 0),
+                deliveries: *deliveries,
             })
             .collect();
         let deadline = now_i + req.lease;
@@ -687,54 +699,6 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// An upper bound on an envelope's JSON size computed without encoding:
-/// the raw arguments as they are, every other string as if each byte needed
-/// a six-byte escape, and a fixed allowance for the field names, ids,
-/// timestamps and numbers. Only envelopes over the limit by this bound are
-/// encoded (into a counting writer) to get the exact size, so the common
-/// case costs a few additions instead of a serialization.
-fn encoded_size_bound(env: &Envelope) -> usize {
-    const FIXED: usize = 1024;
-    let s = |x: &str| x.len().saturating_mul(6).saturating_add(2);
-    let mut n = FIXED
-        .saturating_add(env.args.get().len())
-        .saturating_add(s(&env.name))
-        .saturating_add(s(&env.queue));
-    for (k, v) in &env.headers {
-        n = n
-            .saturating_add(s(k))
-            .saturating_add(s(v))
-            .saturating_add(2);
-    }
-    if let Some(u) = &env.unique {
-        n = n.saturating_add(s(&u.key));
-    }
-    if let Some(e) = &env.last_error {
-        n = n.saturating_add(s(e));
-    }
-    n
-}
-
-/// The exact size of `serde_json::to_vec(env)`, without the buffer.
-fn encoded_size(env: &Envelope) -> usize {
-    struct Counter(usize);
-    impl io::Write for Counter {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut c = Counter(0);
-    match serde_json::to_writer(&mut c, env) {
-        Ok(()) => c.0,
-        // Valid envelopes always encode; treat the impossible as too large.
-        Err(_) => usize::MAX,
-    }
-}
-
 #[async_trait]
 impl Broker for InMemoryBroker {
     fn describe(&self) -> String {
@@ -742,7 +706,7 @@ impl Broker for InMemoryBroker {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Self::capabilities_const()
+        Self::capabilities_const(self.core.options.max_envelope_bytes)
     }
 
     async fn publish(&self, envelope: Envelope) -> Result<Published, BrokerError> {
@@ -793,191 +757,113 @@ impl Broker for InMemoryBroker {
         }
     }
 
-    async fn ack(&self, receipt: &Receipt) -> Result<(), BrokerError> {
-        let lease = self.core.lock().ack(receipt)?;
-        drop(lease);
-        Ok(())
-    }
-
-    async fn ack_many(&self, receipts: &[Receipt]) -> Vec<Result<(), BrokerError>> {
-        let mut out = Vec::with_capacity(receipts.len());
-        let mut done = Vec::with_capacity(receipts.len());
-        {
-            let mut st = self.core.lock();
-            for r in receipts {
-                match st.ack(r) {
-                    Ok(lease) => {
-                        done.push(lease);
-                        out.push(Ok(()));
-                    }
-                    Err(e) => out.push(Err(e)),
+    async fn extend_leases(
+        &self,
+        receipts: &[Receipt],
+        lease: Duration,
+    ) -> Vec<Result<(), BrokerError>> {
+        let deadline = Instant::now() + lease;
+        let mut st = self.core.lock();
+        let out = receipts
+            .iter()
+            .map(|r| {
+                let token = lease_token(r).ok_or_else(|| r.lost())?;
+                match st.leases.get_mut(&token) {
+                    Some(l) if l.task_id == r.task_id => l.deadline = deadline,
+                    _ => return Err(r.lost()),
                 }
-            }
-        }
-        // The envelopes are freed after the lock is released.
-        drop(done);
+                st.expiries.push(Reverse((deadline, token, 1)));
+                Ok(())
+            })
+            .collect();
+        st.compact_expiries();
         out
     }
 
-    async fn extend_lease(&self, receipt: &Receipt, lease: Duration) -> Result<(), BrokerError> {
-        let deadline = Instant::now() + lease;
-        let mut st = self.core.lock();
-        match st.leases.get_mut(&receipt.token) {
-            Some(l) if l.task_id == receipt.task_id => l.deadline = deadline,
-            _ => {
-                return Err(BrokerError::LeaseLost {
-                    task_id: receipt.task_id,
-                });
-            }
-        }
-        st.expiries.push(Reverse((deadline, receipt.token, 1)));
-        st.compact_expiries();
-        Ok(())
-    }
-
-    async fn nack(&self, receipt: &Receipt, nack: Nack) -> Result<(), BrokerError> {
-        if let Some(e) = &nack.envelope {
-            self.core.check(e)?;
-            if e.id != receipt.task_id {
-                return Err(BrokerError::Invalid(format!(
-                    "the replacement envelope has id {} but the receipt is for task {}; keep the id",
-                    e.id, receipt.task_id
-                )));
-            }
-        }
+    async fn settle(&self, batch: &[Settlement]) -> Vec<Result<(), BrokerError>> {
         let now = Utc::now();
+        let mut out = Vec::with_capacity(batch.len());
+        let mut done = Vec::with_capacity(batch.len());
+        let mut requeued = false;
         {
             let mut st = self.core.lock();
-            let lease = st.take_lease(receipt)?;
-            let mut env = nack.envelope.map_or(lease.envelope, Arc::new);
-            if env.queue != *lease.queue {
-                Arc::make_mut(&mut env).queue = lease.queue.to_string();
+            for s in batch {
+                let lease = match st.take_lease(&s.receipt) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        out.push(Err(e));
+                        continue;
+                    }
+                };
+                match &s.disposition {
+                    Disposition::Ack => {
+                        st.release_unique(&lease.envelope, false);
+                        done.push(lease);
+                    }
+                    Disposition::Retry { after, .. } | Disposition::Release { after } => {
+                        let env = charged(&lease.envelope, &s.disposition)
+                            .map_or(lease.envelope, Arc::new);
+                        st.requeue(env, &lease.queue, lease.deliveries, *after, now);
+                        requeued = true;
+                    }
+                    Disposition::DeadLetter { reason, error, .. } => {
+                        let env = charged(&lease.envelope, &s.disposition)
+                            .unwrap_or_else(|| Arc::unwrap_or_clone(lease.envelope));
+                        st.release_unique(&env, false);
+                        tracing::debug!(task_id = %env.id, queue = %lease.queue, %reason, "dead-lettered");
+                        let (reason, error) = (reason.clone(), error.clone());
+                        st.queue_mut(&lease.queue).bury(DeadLetter {
+                            id: s.receipt.task_id,
+                            queue: lease.queue.to_string(),
+                            reason,
+                            error,
+                            dead_at: now,
+                            envelope: Some(env),
+                            raw: None,
+                        });
+                    }
+                }
+                out.push(Ok(()));
             }
-            let at = (!nack.after.is_zero())
-                .then(|| now + TimeDelta::from_std(nack.after).unwrap_or(TimeDelta::MAX));
-            // A zero delay means "now", even when the envelope's own
-            // `not_before` is still ahead.
-            if at.is_none() && env.not_before.is_some() {
-                Arc::make_mut(&mut env).not_before = None;
+        }
+        // Acked envelopes are freed after the lock is released.
+        drop(done);
+        if requeued {
+            self.core.wake();
+        }
+        out
+    }
+
+    fn queues(&self) -> Option<&dyn QueueAdmin> {
+        Some(self)
+    }
+
+    fn dead_letters(&self) -> Option<&dyn DeadLetters> {
+        Some(self)
+    }
+
+    fn broadcast(&self) -> Option<&dyn Broadcast> {
+        Some(self)
+    }
+    async fn maintain(&self) -> Result<(), BrokerError> {
+        let now_u = Utc::now();
+        let retention = self.core.retention;
+        {
+            let mut st = self.core.lock();
+            st.rescue(Instant::now());
+            for q in st.queues.values_mut() {
+                q.promote(now_u);
+                q.prune_dead(now_u, retention);
             }
-            st.enqueue_at(env, lease.deliveries, at, now);
+            st.unique.retain(|_, h| h.until > now_u);
         }
         self.core.wake();
         Ok(())
     }
+}
 
-    async fn dead_letter(
-        &self,
-        receipt: &Receipt,
-        request: DeadLetterRequest,
-    ) -> Result<(), BrokerError> {
-        let now = Utc::now();
-        let mut st = self.core.lock();
-        let lease = st.take_lease(receipt)?;
-        let env = request
-            .envelope
-            .unwrap_or_else(|| Arc::unwrap_or_clone(lease.envelope));
-        st.release_unique(&env, false);
-        tracing::debug!(task_id = %env.id, queue = %lease.queue, reason = %request.reason, "dead-lettered");
-        st.queue_mut(&lease.queue).dead.push_back(DeadLetter {
-            id: receipt.task_id,
-            queue: lease.queue.to_string(),
-            reason: request.reason,
-            error: request.error,
-            dead_at: now,
-            envelope: Some(env),
-            raw: None,
-        });
-        Ok(())
-    }
-
-    async fn dead_letters(&self, queue: &str, page: Page) -> Result<Vec<DeadLetter>, BrokerError> {
-        let now = Utc::now();
-        let retention = self.core.retention;
-        let mut st = self.core.lock();
-        let Some(q) = st.queues.get_mut(queue) else {
-            return Ok(Vec::new());
-        };
-        q.prune_dead(now, retention);
-        let offset = usize::try_from(page.offset).unwrap_or(usize::MAX);
-        let limit = usize::try_from(page.limit).unwrap_or(usize::MAX);
-        Ok(q.dead.iter().skip(offset).take(limit).cloned().collect())
-    }
-
-    async fn dead_letter_count(&self, queue: &str) -> Result<u64, BrokerError> {
-        let now = Utc::now();
-        let retention = self.core.retention;
-        let mut st = self.core.lock();
-        let Some(q) = st.queues.get_mut(queue) else {
-            return Ok(0);
-        };
-        q.prune_dead(now, retention);
-        Ok(q.dead.len() as u64)
-    }
-
-    async fn replay_dead_letters(
-        &self,
-        queue: &str,
-        which: Replay,
-        reset_attempts: bool,
-    ) -> Result<u64, BrokerError> {
-        let now = Utc::now();
-        let retention = self.core.retention;
-        let replayed = {
-            let mut st = self.core.lock();
-            let Some(q) = st.queues.get_mut(queue) else {
-                return Ok(0);
-            };
-            q.prune_dead(now, retention);
-            let taken: Vec<DeadLetter> = match which {
-                Replay::One(id) => {
-                    let Some(pos) = q.dead.iter().position(|d| d.id == id) else {
-                        return Ok(0);
-                    };
-                    if q.dead[pos].envelope.is_none() {
-                        return Err(BrokerError::Invalid(format!(
-                            "dead letter {id} holds bytes that are not an envelope and cannot be replayed; inspect its `raw` text and purge it"
-                        )));
-                    }
-                    q.dead.remove(pos).into_iter().collect()
-                }
-                Replay::All => {
-                    let (keep, take): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut q.dead)
-                        .into_iter()
-                        .partition(|d| d.envelope.is_none());
-                    q.dead = keep;
-                    take.into_iter().collect()
-                }
-            };
-            let n = taken.len() as u64;
-            for d in taken {
-                let Some(mut env) = d.envelope else { continue };
-                if reset_attempts {
-                    env.attempt = 0;
-                    env.last_error = None;
-                }
-                queue.clone_into(&mut env.queue);
-                st.retake_unique(&env, now);
-                st.enqueue(Arc::new(env), 0, now);
-            }
-            n
-        };
-        if replayed > 0 {
-            self.core.wake();
-        }
-        Ok(replayed)
-    }
-
-    async fn purge_dead_letters(&self, queue: &str) -> Result<u64, BrokerError> {
-        let mut st = self.core.lock();
-        let Some(q) = st.queues.get_mut(queue) else {
-            return Ok(0);
-        };
-        let n = q.dead.len() as u64;
-        q.dead.clear();
-        Ok(n)
-    }
-
+#[async_trait]
+impl QueueAdmin for InMemoryBroker {
     async fn stats(&self, queue: &str) -> Result<QueueStats, BrokerError> {
         let now_u = Utc::now();
         let retention = self.core.retention;
@@ -1015,8 +901,124 @@ impl Broker for InMemoryBroker {
         }
         Ok(removed.len() as u64)
     }
+}
 
-    async fn broadcast(&self, channel: &str, payload: &str) -> Result<(), BrokerError> {
+#[async_trait]
+impl DeadLetters for InMemoryBroker {
+    async fn list(
+        &self,
+        queue: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<DeadLetterPage, BrokerError> {
+        let now = Utc::now();
+        let retention = self.core.retention;
+        let mut st = self.core.lock();
+        let from = match cursor {
+            None => 0,
+            Some(c) => c.parse::<u64>().map_err(|_| {
+                BrokerError::Invalid(format!(
+                    "dead-letter cursor `{c}` is not one this broker handed out; pass back `next` unchanged"
+                ))
+            })?,
+        };
+        let Some(q) = st.queues.get_mut(queue) else {
+            return Ok(DeadLetterPage::default());
+        };
+        q.prune_dead(now, retention);
+        let start = q.dead.partition_point(|(seq, _)| *seq < from);
+        let items: Vec<DeadLetter> = q
+            .dead
+            .iter()
+            .skip(start)
+            .take(limit)
+            .map(|(_, d)| d.clone())
+            .collect();
+        let next = q
+            .dead
+            .get(start + items.len())
+            .map(|(seq, _)| seq.to_string());
+        Ok(DeadLetterPage { items, next })
+    }
+
+    async fn count(&self, queue: &str) -> Result<u64, BrokerError> {
+        let now = Utc::now();
+        let retention = self.core.retention;
+        let mut st = self.core.lock();
+        let Some(q) = st.queues.get_mut(queue) else {
+            return Ok(0);
+        };
+        q.prune_dead(now, retention);
+        Ok(q.dead.len() as u64)
+    }
+
+    async fn replay(
+        &self,
+        queue: &str,
+        which: Replay,
+        reset_attempts: bool,
+    ) -> Result<u64, BrokerError> {
+        let now = Utc::now();
+        let retention = self.core.retention;
+        let replayed = {
+            let mut st = self.core.lock();
+            let Some(q) = st.queues.get_mut(queue) else {
+                return Ok(0);
+            };
+            q.prune_dead(now, retention);
+            let taken: Vec<DeadLetter> = match which {
+                Replay::One(id) => {
+                    let Some(pos) = q.dead.iter().position(|(_, d)| d.id == id) else {
+                        return Ok(0);
+                    };
+                    if q.dead[pos].1.envelope.is_none() {
+                        return Err(BrokerError::Invalid(format!(
+                            "dead letter {id} holds bytes that are not an envelope and cannot be replayed; inspect its `raw` text and purge it"
+                        )));
+                    }
+                    q.dead.remove(pos).map(|(_, d)| d).into_iter().collect()
+                }
+                Replay::All => {
+                    let (keep, take): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut q.dead)
+                        .into_iter()
+                        .partition(|(_, d)| d.envelope.is_none());
+                    q.dead = keep;
+                    take.into_iter().map(|(_, d)| d).collect()
+                }
+            };
+            let n = taken.len() as u64;
+            for d in taken {
+                let Some(mut env) = d.envelope else { continue };
+                if reset_attempts {
+                    env.attempt = 0;
+                    env.last_error = None;
+                }
+                queue.clone_into(&mut env.queue);
+                st.retake_unique(&env, now);
+                st.enqueue(Arc::new(env), 0, now);
+            }
+            n
+        };
+        if replayed > 0 {
+            self.core.wake();
+        }
+        Ok(replayed)
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
+        let mut st = self.core.lock();
+        let Some(q) = st.queues.get_mut(queue) else {
+            return Ok(0);
+        };
+        let n = q.dead.len() as u64;
+        q.dead.clear();
+        Ok(n)
+    }
+}
+
+#[async_trait]
+impl Broadcast for InMemoryBroker {
+    async fn send(&self, channel: &str, payload: &str) -> Result<(), BrokerError> {
         let mut channels = self
             .core
             .channels
@@ -1063,52 +1065,5 @@ impl Broker for InMemoryBroker {
             }
         });
         Ok(stream.boxed())
-    }
-
-    async fn maintain(&self) -> Result<(), BrokerError> {
-        let now_u = Utc::now();
-        let retention = self.core.retention;
-        {
-            let mut st = self.core.lock();
-            st.rescue(Instant::now());
-            for q in st.queues.values_mut() {
-                q.promote(now_u);
-                q.prune_dead(now_u, retention);
-            }
-            st.unique.retain(|_, h| h.until > now_u);
-        }
-        self.core.wake();
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeMap;
-
-    use super::*;
-    use crate::envelope::Unique;
-
-    #[test]
-    fn size_bound_is_an_upper_bound() {
-        let mut env = Envelope::new("a::b", "q", serde_json::json!({"x": "\u{1}\"\\"})).unwrap();
-        env.not_before = Some(Utc::now());
-        env.expires_at = Some(Utc::now());
-        env.parent_id = Some(TaskId::new());
-        env.group_id = Some(TaskId::new());
-        env.chord_id = Some(TaskId::new());
-        env.attempt = u32::MAX;
-        env.max_retries = u32::MAX;
-        env.result_ttl_secs = Some(u64::MAX);
-        env.last_error = Some("\u{1}\u{2}\"".repeat(10));
-        env.unique = Some(Unique {
-            key: "\u{0}".repeat(5),
-            until: Utc::now(),
-            release: UniqueRelease::OnFinish,
-        });
-        env.headers = BTreeMap::from([("\u{3}".repeat(4), "\n\t".repeat(8))]);
-        let exact = env.encode().unwrap().len();
-        assert_eq!(encoded_size(&env), exact);
-        assert!(encoded_size_bound(&env) >= exact);
     }
 }

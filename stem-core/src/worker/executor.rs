@@ -14,10 +14,11 @@ use futures::FutureExt;
 use tracing::Instrument;
 
 use super::Runtime;
-use super::completer::{Completion, Settle};
+use super::completer::{Completion, Count};
 use super::dispatch::Queued;
+use super::lease;
 use crate::backend::{FailureKind, TaskFailure, TaskRecord, TaskState};
-use crate::broker::{DeadLetterRequest, Nack, Receipt};
+use crate::broker::{Disposition, Receipt};
 use crate::context::Context;
 use crate::envelope::Envelope;
 use crate::error::BrokerError;
@@ -45,41 +46,11 @@ pub(crate) async fn slot(rt: Arc<Runtime>) {
     {
         // From shutdown on, nothing new starts: it goes back to the queue.
         if rt.dispatch.is_aborted() || rt.stop.is_cancelled() {
-            super::fetcher::requeue_one(&rt, ctx.take_receipt());
-        } else if let Some(renewed) = still_leased(&rt, &ctx, renewed).await {
+            rt.release(ctx.take_receipt(), Duration::ZERO);
+        } else if let Some(renewed) = lease::still_leased(&rt, &ctx, renewed).await {
             execute(&rt, ctx, renewed).await;
         }
         rt.dispatch.finished();
-    }
-}
-
-/// A delivery that waited in the queue a renewal period or more (the
-/// keeper has not renewed it, or is doing it now) has its lease renewed
-/// before it runs. `None` when it must not run here: the lease is lost
-/// (another consumer has the task), or could not be renewed and has run
-/// out (it is left for redelivery). Returns when the lease was last known
-/// good.
-async fn still_leased(rt: &Runtime, ctx: &Context, renewed: Instant) -> Option<Instant> {
-    let lease = rt.config.lease;
-    let waited = renewed.elapsed();
-    if waited < super::fetcher::renew_period(lease) {
-        return Some(renewed);
-    }
-    let now = Instant::now();
-    match rt.broker.extend_lease(ctx.receipt(), lease).await {
-        Ok(()) => Some(now),
-        Err(BrokerError::LeaseLost { .. }) => {
-            tracing::warn!(task_id = %ctx.id(), "lease lost while the delivery waited for a slot; not run here (another consumer has it)");
-            None
-        }
-        Err(e) if waited >= lease => {
-            tracing::warn!(task_id = %ctx.id(), error = %e, "the lease of a waiting delivery ran out and could not be renewed; not run here (it will be delivered again)");
-            None
-        }
-        Err(e) => {
-            tracing::warn!(task_id = %ctx.id(), error = %e, "could not renew the lease of a waiting delivery; running it while the lease lasts");
-            Some(renewed)
-        }
     }
 }
 
@@ -106,7 +77,6 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
     };
     if envelope.expires_at.is_some_and(|t| t <= started_at) {
         tracing::info!("task expired before it ran; dropped");
-        rt.counters.failed.fetch_add(1, Ordering::Relaxed);
         let record = record(rt, envelope, envelope.attempt, started_at, || {
             let failure = TaskFailure {
                 message: format!(
@@ -120,10 +90,10 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
         });
         complete(
             rt,
-            Some(ctx.take_receipt()),
-            Settle::Ack,
+            Some((ctx.take_receipt(), Disposition::Ack)),
             record,
             ctx.envelope(),
+            Count::Failed,
         );
         return;
     }
@@ -146,10 +116,11 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
         return;
     };
     if let Some(wait) = rt.rates.acquire(entry.name) {
-        tracing::debug!(?wait, "rate limited; requeued");
-        let _ = rt.completions.send(Completion::settle(
+        tracing::debug!(?wait, "rate limited; handed back");
+        rt.complete(Completion::settle(
             ctx.take_receipt(),
-            Settle::nack(Nack::after(wait)),
+            Disposition::Release { after: wait },
+            Count::Nothing,
         ));
         return;
     }
@@ -179,7 +150,7 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
     let attempt = envelope.attempt + 1;
     rt.counters.started.fetch_add(1, Ordering::Relaxed);
     if let Some(started) = record(rt, envelope, attempt, started_at, || TaskState::Started) {
-        let _ = rt.completions.send(Completion::record(started));
+        rt.complete(Completion::record(started));
     }
 
     let outcome = run_with_lease(rt, entry, ctx.receipt(), future, at_most_once, renewed).await;
@@ -193,11 +164,11 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
     let envelope = ctx.envelope();
     match outcome {
         Outcome::Finished(Ok(result)) => {
-            rt.counters.succeeded.fetch_add(1, Ordering::Relaxed);
             let record = record(rt, envelope, attempt, started_at, || TaskState::Succeeded {
                 result,
             });
-            complete(rt, settle_receipt, Settle::Ack, record, envelope);
+            let settle = settle_receipt.map(|r| (r, Disposition::Ack));
+            complete(rt, settle, record, envelope, Count::Succeeded);
         }
         Outcome::Finished(Err(err)) => {
             fail(rt, settle_receipt, envelope, entry, started_at, err);
@@ -220,13 +191,9 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
             fail(rt, settle_receipt, envelope, entry, started_at, err);
         }
         Outcome::Aborted => {
-            tracing::warn!("task stopped at the end of the shutdown grace; requeued");
-            rt.counters.requeued.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("task stopped at the end of the shutdown grace; handed back");
             if let Some(receipt) = settle_receipt {
-                let _ = rt.completions.send(Completion::settle(
-                    receipt,
-                    Settle::nack(Nack::after(Duration::ZERO)),
-                ));
+                rt.release(receipt, Duration::ZERO);
             }
         }
         Outcome::LeaseLost => {
@@ -275,7 +242,7 @@ async fn run_with_lease(
     }
     // The first renewal is due a period after the last one (the claim or
     // the queue keeper's), not after the start.
-    let period = super::fetcher::renew_period(lease);
+    let period = lease::renew_period(lease);
     let mut keepalive = tokio::time::interval_at((renewed + period).into(), period);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -304,7 +271,8 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// A failed attempt: retry, or fail for good (dead letter).
+/// A failed attempt: retry, or fail for good (dead letter). The broker
+/// charges the attempt; the worker only says which.
 fn fail(
     rt: &Runtime,
     receipt: Option<Receipt>,
@@ -315,46 +283,44 @@ fn fail(
 ) {
     let attempt = envelope.attempt + 1;
     let failure = err.failure;
-    if receipt.is_none() {
+    let Some(receipt) = receipt else {
         // At-most-once: already acked, never retried.
-        rt.counters.failed.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(error = %failure, "at-most-once task failed; not retried");
         let record = record(rt, envelope, attempt, started_at, || TaskState::Failed {
             error: failure,
         });
-        complete(rt, None, Settle::Nothing, record, envelope);
+        complete(rt, None, record, envelope, Count::Failed);
         return;
-    }
+    };
     let retry_delay = match err.directive {
         RetryDirective::Fatal => None,
         _ if attempt > envelope.max_retries => None,
         RetryDirective::After(d) => Some(d),
         RetryDirective::Policy => Some(entry.options.backoff.delay(attempt)),
     };
+    let error_text = failure.to_string();
     match retry_delay {
         Some(delay) => {
-            rt.counters.retried.fetch_add(1, Ordering::Relaxed);
             let next_at =
                 Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
             tracing::info!(error = %failure, retry_in = ?delay, "attempt failed; retrying");
-            let last_error = failure.to_string();
             let record = record(rt, envelope, attempt, started_at, || TaskState::Retrying {
                 next_at,
                 error: failure,
-            })
-            .map(Box::new);
-            let mut next = envelope.clone();
-            next.attempt = attempt;
-            next.last_error = Some(last_error);
-            let _ = rt.completions.send(Completion {
-                receipt,
-                settle: Settle::nack(Nack::after(delay).with_envelope(next)),
-                record,
+            });
+            let disposition = Disposition::Retry {
+                after: delay,
+                error: error_text,
+            };
+            // A retry is not the group's last word: no group progress.
+            rt.complete(Completion {
+                settle: Some((receipt, disposition)),
+                record: record.map(Box::new),
                 group_id: None,
+                count: Count::Retried,
             });
         }
         None => {
-            rt.counters.failed.fetch_add(1, Ordering::Relaxed);
             let reason = if err.directive == RetryDirective::Fatal {
                 String::from("failed with a fatal error; not retried")
             } else {
@@ -364,29 +330,27 @@ fn fail(
                 )
             };
             tracing::error!(error = %failure, %reason, "task failed; dead-lettering");
-            let error_text = failure.to_string();
-            let group_id = envelope.group_id;
             let record = record(rt, envelope, attempt, started_at, || TaskState::Failed {
                 error: failure,
-            })
-            .map(Box::new);
-            let mut last = envelope.clone();
-            last.attempt = attempt;
-            last.last_error = Some(error_text.clone());
-            let _ = rt.completions.send(Completion {
-                receipt,
-                settle: Settle::dead_letter(DeadLetterRequest {
-                    reason,
-                    error: Some(error_text),
-                    envelope: Some(last),
-                }),
-                group_id,
-                record,
             });
+            let disposition = Disposition::DeadLetter {
+                reason,
+                error: Some(error_text),
+                charge: true,
+            };
+            complete(
+                rt,
+                Some((receipt, disposition)),
+                record,
+                envelope,
+                Count::DeadLettered,
+            );
         }
     }
 }
 
+/// Dead-letters a delivery that never ran (unknown task, undecodable
+/// arguments): no attempt is charged.
 #[allow(clippy::too_many_arguments)]
 fn dead_letter_now(
     rt: &Runtime,
@@ -398,7 +362,6 @@ fn dead_letter_now(
     kind: FailureKind,
     type_name: &str,
 ) {
-    rt.counters.failed.fetch_add(1, Ordering::Relaxed);
     let record = record(rt, envelope, envelope.attempt + 1, started_at, || {
         let failure = TaskFailure {
             message: reason.clone(),
@@ -406,36 +369,35 @@ fn dead_letter_now(
             kind,
         };
         TaskState::Failed { error: failure }
-    })
-    .map(Box::new);
-    let _ = rt.completions.send(Completion {
-        receipt: Some(receipt),
-        settle: Settle::dead_letter(DeadLetterRequest {
-            reason,
-            error,
-            envelope: None,
-        }),
-        group_id: envelope.group_id,
-        record,
     });
+    let disposition = Disposition::DeadLetter {
+        reason,
+        error,
+        charge: false,
+    };
+    complete(
+        rt,
+        Some((receipt, disposition)),
+        record,
+        envelope,
+        Count::DeadLettered,
+    );
 }
 
-/// Sends a settle and, with a result backend, the record that goes with it.
+/// Sends a settlement and, with a result backend, the record that goes
+/// with it.
 fn complete(
     rt: &Runtime,
-    receipt: Option<Receipt>,
-    settle: Settle,
+    settle: Option<(Receipt, Disposition)>,
     record: Option<TaskRecord>,
     envelope: &Envelope,
+    count: Count,
 ) {
-    if receipt.is_none() && record.is_none() {
-        return;
-    }
-    let _ = rt.completions.send(Completion {
-        receipt,
+    rt.complete(Completion {
         settle,
         group_id: envelope.group_id,
         record: record.map(Box::new),
+        count,
     });
 }
 

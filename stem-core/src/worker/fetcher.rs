@@ -2,22 +2,19 @@
 //! them held (running or queued for a slot), filters revoked ones in one
 //! backend call, and hands the batch to the slots (see `dispatch`). It
 //! stops at shutdown, hands back what was queued and not started, and
-//! never drops a leased delivery. The queue keeper renews the leases of
-//! deliveries that wait in the queue.
+//! never drops a leased delivery. (The leases of what waits are kept by
+//! `lease`.)
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use futures::StreamExt;
 
 use super::Runtime;
-use super::completer::{Completion, Settle};
+use super::completer::{Completion, Count};
 use crate::backend::{TaskRecord, TaskState};
-use crate::broker::{Delivery, FetchRequest, Nack, Receipt};
+use crate::broker::{Delivery, Disposition, FetchRequest};
 use crate::context::Context;
-use crate::error::BrokerError;
 
 pub(crate) async fn run(rt: Arc<Runtime>) {
     fetch_loop(&rt).await;
@@ -37,55 +34,9 @@ pub(crate) fn hand_back_queued(rt: &Runtime) {
         );
     }
     for mut t in queued {
-        requeue_one(rt, t.ctx.take_receipt());
+        rt.release(t.ctx.take_receipt(), Duration::ZERO);
         rt.dispatch.finished();
     }
-}
-
-/// Renews the leases of deliveries waiting in the queue for a slot, so a
-/// delivery prefetched behind slow tasks is not re-delivered elsewhere
-/// while it waits. Ends at shutdown (the queue is handed back then).
-pub(crate) async fn keep_queued(rt: Arc<Runtime>) {
-    let lease = rt.config.lease;
-    let period = renew_period(lease);
-    loop {
-        tokio::select! {
-            () = rt.stop.cancelled() => return,
-            () = tokio::time::sleep(period / 2) => {}
-        }
-        // Several renewals at once: a full queue renews in a few round
-        // trips (on SQLite, concurrent writes share one commit).
-        futures::stream::iter(rt.dispatch.stale(period))
-            .for_each_concurrent(RENEWALS_AT_ONCE, |receipt| renew(&rt, receipt, lease))
-            .await;
-    }
-}
-
-/// Renewals the keeper has in flight at most.
-const RENEWALS_AT_ONCE: usize = 16;
-
-async fn renew(rt: &Runtime, receipt: Receipt, lease: Duration) {
-    if rt.stop.is_cancelled() {
-        return;
-    }
-    let at = Instant::now();
-    match rt.broker.extend_lease(&receipt, lease).await {
-        Ok(()) => rt.dispatch.renewal_done(&receipt, Some(at)),
-        Err(BrokerError::LeaseLost { .. }) => {
-            if rt.dispatch.forget(&receipt) {
-                tracing::warn!(task_id = %receipt.task_id, "lease of a queued delivery lost before it ran; dropped here (another consumer has it)");
-            }
-        }
-        Err(e) => {
-            tracing::warn!(task_id = %receipt.task_id, error = %e, "could not renew the lease of a queued delivery; will retry");
-            rt.dispatch.renewal_done(&receipt, None);
-        }
-    }
-}
-
-/// How often a lease is renewed: every third of its length.
-pub(crate) fn renew_period(lease: Duration) -> Duration {
-    (lease / 3).max(Duration::from_millis(20))
 }
 
 async fn fetch_loop(rt: &Runtime) {
@@ -197,17 +148,8 @@ const GATHER: Duration = Duration::from_millis(2);
 
 fn requeue(rt: &Runtime, deliveries: Vec<Delivery>) {
     for d in deliveries {
-        requeue_one(rt, d.receipt);
+        rt.release(d.receipt, Duration::ZERO);
     }
-}
-
-/// Puts a delivery back without charging an attempt (shutdown).
-pub(crate) fn requeue_one(rt: &Runtime, receipt: Receipt) {
-    rt.counters.requeued.fetch_add(1, Ordering::Relaxed);
-    let _ = rt.completions.send(Completion::settle(
-        receipt,
-        Settle::nack(Nack::after(Duration::ZERO)),
-    ));
 }
 
 async fn revoked_flags(rt: &Runtime, deliveries: &[Delivery]) -> Vec<bool> {
@@ -232,7 +174,6 @@ async fn revoked_flags(rt: &Runtime, deliveries: &[Delivery]) -> Vec<bool> {
 
 fn skip_revoked(rt: &Runtime, delivery: Delivery) {
     tracing::info!(task_id = %delivery.envelope.id, task = %delivery.envelope.name, "task revoked; skipped");
-    rt.counters.revoked.fetch_add(1, Ordering::Relaxed);
     let Delivery {
         envelope, receipt, ..
     } = delivery;
@@ -242,10 +183,10 @@ fn skip_revoked(rt: &Runtime, delivery: Delivery) {
     rec.worker_id = Some(rt.worker_id.to_string());
     rec.group_id = envelope.group_id;
     rec.updated_at = Utc::now();
-    let _ = rt.completions.send(Completion {
-        receipt: Some(receipt),
-        settle: Settle::Ack,
+    rt.complete(Completion {
+        settle: Some((receipt, Disposition::Ack)),
         group_id: envelope.group_id,
         record: Some(Box::new(rec)),
+        count: Count::Revoked,
     });
 }

@@ -1,5 +1,7 @@
 //! Background chores: heartbeats to the result backend, and the adapters'
-//! own housekeeping (expired dead letters, results, unique keys).
+//! own housekeeping (expired dead letters, results, unique keys), run only
+//! by the worker that holds the namespace's housekeeping lease
+//! (`Broker::try_lead`), so fifty workers sweep once, not fifty times.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +26,14 @@ pub(crate) async fn run(rt: Arc<Runtime>) {
             () = rt.stop.cancelled() => break,
             _ = beat.tick() => heartbeat(&rt, &host).await,
             _ = maintain.tick() => {
+                match rt.broker.try_lead(&rt.config.worker_id, MAINTAIN_EVERY * 3).await {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not take the housekeeping lease; skipping this round");
+                        continue;
+                    }
+                }
                 if let Err(e) = rt.broker.maintain().await {
                     tracing::warn!(error = %e, "broker maintenance failed");
                 }

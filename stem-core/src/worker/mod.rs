@@ -36,9 +36,12 @@ mod config;
 mod dispatch;
 mod executor;
 mod fetcher;
+mod groups;
+mod lease;
 mod maintenance;
 mod rate;
 mod shutdown;
+mod supervisor;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -111,6 +114,31 @@ pub(crate) struct Counters {
     dead_lettered: AtomicU64,
     revoked: AtomicU64,
     requeued: AtomicU64,
+}
+
+impl Runtime {
+    /// Hands a finished step to the completer. The completer outlives
+    /// every sender, so this fails only if it crashed; then the delivery is
+    /// left to its lease (delivered again), and the loss is logged.
+    pub(crate) fn complete(&self, completion: completer::Completion) {
+        if let Err(e) = self.completions.send(completion) {
+            let c = e.0;
+            tracing::error!(
+                task_id = ?c.settle.as_ref().map(|(r, _)| r.task_id),
+                "the completer is gone: this delivery is not settled and will be delivered again after its lease"
+            );
+        }
+    }
+
+    /// Hands a delivery back without charging an attempt (shutdown, a
+    /// prefetched delivery, a rate-limited task).
+    pub(crate) fn release(&self, receipt: crate::broker::Receipt, after: Duration) {
+        self.complete(completer::Completion::settle(
+            receipt,
+            crate::broker::Disposition::Release { after },
+            completer::Count::Requeued,
+        ));
+    }
 }
 
 impl Counters {
@@ -355,7 +383,7 @@ impl Worker {
             rt.tracker.spawn(executor::slot(Arc::clone(&rt)));
         }
         let stop = rt.stop.clone();
-        let join = tokio::spawn(shutdown::supervise(rt, rx));
+        let join = tokio::spawn(supervisor::supervise(rt, rx));
         WorkerHandle { stop, join }
     }
 

@@ -20,7 +20,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .parse()?;
     let url = std::env::var("STEM_BROKER_URL")?;
     let stem = stem::connect_with(&url, None, "stem").await?;
-    let mut stream = stem.broker().subscribe(&channel).await?;
+    let mut stream = stem
+        .broker()
+        .broadcast()
+        .expect("broadcast")
+        .subscribe(&channel)
+        .await?;
     println!("ready");
     std::io::stdout().flush()?;
     for _ in 0..count {

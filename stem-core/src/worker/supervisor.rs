@@ -1,0 +1,77 @@
+//! The supervisor: starts the worker's services (completer, maintenance,
+//! fetcher, queue keeper) and stops them in order at shutdown: stop
+//! fetching, hand back what has not started, let running tasks finish
+//! within the grace, then stop them and hand them back, and drain the
+//! completer last so nothing finished is lost.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use super::completer::{self, Completion};
+use super::{Runtime, WorkerReport, fetcher, lease, maintenance};
+
+/// Runs the worker until it is stopped; returns its counts.
+pub(crate) async fn supervise(
+    rt: Arc<Runtime>,
+    rx: mpsc::UnboundedReceiver<Completion>,
+) -> WorkerReport {
+    tracing::info!(
+        worker_id = %rt.config.worker_id,
+        broker = %rt.broker.describe(),
+        queues = ?rt.config.queues,
+        concurrency = rt.config.concurrency,
+        tasks = %rt.known_names,
+        "worker started"
+    );
+    let completer = tokio::spawn(completer::run(
+        completer::CompleterParts {
+            broker: Arc::clone(&rt.broker),
+            backend: rt.backend.clone(),
+            counters: Arc::clone(&rt.counters),
+            lease: rt.config.lease,
+        },
+        rx,
+    ));
+    let maintenance = tokio::spawn(maintenance::run(Arc::clone(&rt)));
+    let fetcher = tokio::spawn(fetcher::run(Arc::clone(&rt)));
+    let keeper = tokio::spawn(lease::keep_queued(Arc::clone(&rt)));
+
+    rt.stop.cancelled().await;
+    if let Err(e) = fetcher.await {
+        tracing::error!(error = %e, "fetcher ended abnormally");
+    }
+    if let Err(e) = keeper.await {
+        tracing::error!(error = %e, "queue keeper ended abnormally");
+    }
+    // Neither claims nor renews any more: hand back what waits for a slot
+    // and let the slots end once they finish what they run.
+    fetcher::hand_back_queued(&rt);
+    rt.tracker.close();
+    let grace = rt.config.shutdown_grace;
+    if tokio::time::timeout(grace, rt.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace = ?grace,
+            running = rt.tracker.len(),
+            "shutdown grace over: stopping running tasks and requeueing them"
+        );
+        rt.dispatch.abort();
+        rt.abort.cancel();
+        rt.tracker.wait().await;
+    }
+    if let Err(e) = maintenance.await {
+        tracing::error!(error = %e, "maintenance ended abnormally");
+    }
+    // Every executor is done: close the completer's channel and let it drain.
+    let counters = Arc::clone(&rt.counters);
+    drop(rt);
+    if let Err(e) = completer.await {
+        tracing::error!(error = %e, "completer ended abnormally");
+    }
+    let report = counters.report();
+    tracing::info!(?report, "worker stopped");
+    report
+}
