@@ -105,7 +105,6 @@ async fn long_runner(key: String, millis: u64) -> usize {
 
 #[stem::task(queue = "uses_state")]
 async fn uses_state(marker: stem::State<Marker>, suffix: String) -> String {
-    let marker: &Marker = &marker;
     format!("{}{suffix}", marker.0)
 }
 
