@@ -5,7 +5,7 @@
 //! example producer uses, so the two cooperate with no configuration.
 
 #[tokio::main]
-async fn main() -> Result<(), stem::worker::WorkerError> {
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -58,8 +58,9 @@ use crate::context::{ContextShared, StateMap};
 use crate::error::{ConfigError, StemError};
 use crate::registry::{RegistryError, TaskEntry};
 
-/// Why a worker could not start.
-#[derive(Debug, thiserror::Error)]
+/// Why a worker could not start. Its `Debug` is the readable message
+/// chain, as [`StemError`]'s is.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum WorkerError {
     /// The task registry is inconsistent.
@@ -79,6 +80,12 @@ pub enum WorkerError {
     /// Flags could not be parsed.
     #[error("{0}")]
     Args(String),
+}
+
+impl std::fmt::Debug for WorkerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        crate::error::fmt_chain(self, f)
+    }
 }
 
 /// Counters of what a worker did.
@@ -414,8 +421,9 @@ impl WorkerHandle {
 ///
 /// ```no_run
 /// #[tokio::main]
-/// async fn main() -> Result<(), stem_core::worker::WorkerError> {
-///     stem_core::worker::run().await.map(|_| ())
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     stem_core::worker::run().await?;
+///     Ok(())
 /// }
 /// ```
 ///
