@@ -28,7 +28,7 @@ pub async fn add(a: i64, b: i64) -> i64 {
     a + b
 }
 
-/// How long [`make_thumbnail`] works: long enough to `kill -9` the worker
+/// How long [`make_thumbnail()`] works: long enough to `kill -9` the worker
 /// in the middle of it (the README's walkthrough).
 pub const THUMBNAIL_TIME: Duration = Duration::from_secs(10);
 
