@@ -484,7 +484,7 @@ async fn a_prefetch_below_the_concurrency_is_refused() {
         .expect_err("prefetch 4 < concurrency 8");
     let text = err.to_string();
     assert!(
-        text.contains("STEM_PREFETCH") && text.contains("at least the concurrency (8)"),
+        text.contains("WorkerBuilder::prefetch") && text.contains("at least the concurrency (8)"),
         "{text}"
     );
 }
