@@ -122,7 +122,6 @@ pub(crate) fn now_ns() -> u64 {
 #[stem::task(queue = "bench")]
 pub(crate) async fn bench_noop(probe: stem::State<Probe>, seq: u64, sent_ns: u64, pad: String) {
     std::hint::black_box(&pad);
-    let probe: &Probe = &probe;
     probe.0.record(seq, sent_ns);
 }
 

@@ -96,11 +96,17 @@ impl Stem {
         *slot = Some(self.clone());
     }
 
-    /// The installed default client, or one built from `STEM_BROKER_URL`.
+    /// The installed default client; else one connected to
+    /// `STEM_BROKER_URL`; else, when that is unset or blank, one on the
+    /// embedded default broker (with the `stem` crate's default `sqlite`
+    /// feature: a SQLite file at `$STEM_SQLITE_PATH`, else
+    /// `$XDG_DATA_HOME/stem/stem.db`, else `~/.local/share/stem/stem.db`).
+    /// The client built is installed as the default.
     ///
     /// # Errors
-    /// [`StemError::NoDefaultClient`] when nothing is installed and the
-    /// variable is unset; a connect error otherwise.
+    /// [`StemError::NoDefaultClient`] only when nothing is installed,
+    /// `STEM_BROKER_URL` is unset and no embedded adapter is linked (e.g.
+    /// `stem` without its `sqlite` feature); a connect error otherwise.
     pub async fn default_client() -> Result<Self, StemError> {
         if let Some(c) = installed_default() {
             return Ok(c);

@@ -19,17 +19,43 @@ use crate::error::{BackendError, BrokerError};
 /// `Worker::builder().state(value)` and injected into tasks that take a
 /// `State<T>` parameter.
 ///
+/// It derefs to `T` and has no public field, so `state.0` and
+/// `state.field` reach the value's own fields; [`State::arc`] and
+/// [`State::into_inner`] give the shared `Arc`.
+///
 /// ```
-/// let s = stem_core::State::new(String::from("pool"));
-/// assert_eq!(s.len(), 4);
+/// struct Pool(u32);
+/// let s = stem_core::State::new(Pool(4));
+/// assert_eq!(s.0, 4);
+/// assert_eq!(std::sync::Arc::strong_count(s.arc()), 1);
 /// ```
 #[derive(Debug)]
-pub struct State<T: ?Sized>(pub Arc<T>);
+pub struct State<T: ?Sized>(Arc<T>);
 
 impl<T> State<T> {
     /// Wraps a value.
     pub fn new(value: T) -> Self {
         Self(Arc::new(value))
+    }
+}
+
+impl<T: ?Sized> State<T> {
+    /// The shared value's `Arc` (clone it to keep the value beyond the task).
+    #[must_use]
+    pub fn arc(&self) -> &Arc<T> {
+        &self.0
+    }
+
+    /// The shared value's `Arc`, taking the `State` apart.
+    #[must_use]
+    pub fn into_inner(self) -> Arc<T> {
+        self.0
+    }
+}
+
+impl<T: ?Sized> From<Arc<T>> for State<T> {
+    fn from(value: Arc<T>) -> Self {
+        Self(value)
     }
 }
 

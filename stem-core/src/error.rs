@@ -160,8 +160,42 @@ pub enum BackendError {
     Closed,
 }
 
+/// Writes `err` the way `anyhow` does: its message, then the message of
+/// each [`source`](std::error::Error::source) under `Caused by:`. The
+/// `Debug` of the top-level errors, so that `main() -> Result<..>` prints
+/// something a person can act on instead of nested enum names.
+pub(crate) fn fmt_chain(
+    err: &(dyn std::error::Error + 'static),
+    f: &mut std::fmt::Formatter<'_>,
+) -> std::fmt::Result {
+    write!(f, "{err}")?;
+    let causes: Vec<_> = std::iter::successors(err.source(), |e| e.source()).collect();
+    match causes.as_slice() {
+        [] => Ok(()),
+        [only] => write!(f, "\n\nCaused by:\n    {only}"),
+        many => {
+            f.write_str("\n\nCaused by:")?;
+            for (i, cause) in many.iter().enumerate() {
+                write!(f, "\n    {i}: {cause}")?;
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Errors from connecting, configuring and using a [`Stem`](crate::Stem) client.
-#[derive(Debug, Clone, thiserror::Error)]
+///
+/// Its `Debug` is the readable message chain (what `main` prints when it
+/// returns the error), not the enum's structure:
+///
+/// ```
+/// let err = stem_core::StemError::from(stem_core::ConfigError::BadUrl {
+///     url: "nope".into(),
+///     reason: "expected `scheme://...`".into(),
+/// });
+/// assert_eq!(format!("{err:?}"), "invalid URL `nope`: expected `scheme://...`");
+/// ```
+#[derive(Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StemError {
     /// A broker call failed.
@@ -186,6 +220,12 @@ pub enum StemError {
         "this client has no result backend: set STEM_RESULT_BACKEND_URL or use a broker URL whose adapter also stores results"
     )]
     NoResultBackend,
+}
+
+impl std::fmt::Debug for StemError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fmt_chain(self, f)
+    }
 }
 
 /// A configuration value that could not be used.
@@ -282,4 +322,54 @@ pub enum TaskError {
         /// The backend error.
         reason: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error with a source, to show the chain.
+    #[derive(Debug, thiserror::Error)]
+    #[error("{msg}")]
+    struct Layer {
+        msg: &'static str,
+        #[source]
+        source: Option<Box<Layer>>,
+    }
+
+    struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+    impl std::fmt::Debug for Chain<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            fmt_chain(self.0, f)
+        }
+    }
+
+    fn layer(msg: &'static str, source: Option<Layer>) -> Layer {
+        Layer {
+            msg,
+            source: source.map(Box::new),
+        }
+    }
+
+    #[test]
+    fn debug_is_the_message_chain() {
+        let one = layer("top", Some(layer("middle", None)));
+        assert_eq!(
+            format!("{:?}", Chain(&one)),
+            "top\n\nCaused by:\n    middle"
+        );
+        let two = layer("top", Some(layer("middle", Some(layer("bottom", None)))));
+        assert_eq!(
+            format!("{:?}", Chain(&two)),
+            "top\n\nCaused by:\n    0: middle\n    1: bottom"
+        );
+        let err = StemError::from(ConfigError::UnknownScheme {
+            url: "x://".into(),
+            known: "memory://".into(),
+        });
+        let debug = format!("{err:?}");
+        assert_eq!(debug, err.to_string());
+        assert!(!debug.contains("UnknownScheme"), "{debug}");
+    }
 }

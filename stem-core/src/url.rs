@@ -184,4 +184,30 @@ mod tests {
         assert!(msg.contains("memory://"), "{msg}");
         assert!(!msg.contains("secret"), "{msg}");
     }
+
+    /// The cargo features of `stem` that add an adapter in this release.
+    const ADAPTER_FEATURES: &[&str] = &["sqlite"];
+
+    #[test]
+    fn unknown_scheme_suggests_only_existing_features() {
+        for url in ["redis://h", "postgres://h/db", "amqp://h", "zzz://h"] {
+            let msg = adapter_for(url).unwrap_err().to_string();
+            let mut rest = msg.as_str();
+            let mut suggested = 0;
+            while let Some(i) = rest.find("features = [") {
+                let list = &rest[i + "features = [".len()..];
+                let list = &list[..list.find(']').expect("closed list")];
+                for feature in list.split(',') {
+                    let feature = feature.trim().trim_matches('"');
+                    assert!(
+                        ADAPTER_FEATURES.contains(&feature),
+                        "`{url}`: suggests feature `{feature}`, which does not exist: {msg}"
+                    );
+                    suggested += 1;
+                }
+                rest = &rest[i + 1..];
+            }
+            assert!(suggested > 0, "no feature suggested: {msg}");
+        }
+    }
 }

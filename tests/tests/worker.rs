@@ -104,7 +104,6 @@ async fn long_runner(key: String, millis: u64) -> usize {
 
 #[stem::task(queue = "uses_state")]
 async fn uses_state(marker: stem::State<Marker>, suffix: String) -> String {
-    let marker: &Marker = &marker;
     format!("{}{suffix}", marker.0)
 }
 
@@ -509,7 +508,7 @@ async fn a_prefetch_below_the_concurrency_is_refused() {
         .expect_err("prefetch 4 < concurrency 8");
     let text = err.to_string();
     assert!(
-        text.contains("STEM_PREFETCH") && text.contains("at least the concurrency (8)"),
+        text.contains("WorkerBuilder::prefetch") && text.contains("at least the concurrency (8)"),
         "{text}"
     );
 }

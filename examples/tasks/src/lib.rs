@@ -28,13 +28,18 @@ pub async fn add(a: i64, b: i64) -> i64 {
     a + b
 }
 
-/// Pretends to resize an image, taking a little while.
-#[stem::task(queue = "images", retries = 2, timeout = "10s", priority = 5)]
+/// How long [`make_thumbnail()`] works: long enough to `kill -9` the worker
+/// in the middle of it (the README's walkthrough).
+pub const THUMBNAIL_TIME: Duration = Duration::from_secs(10);
+
+/// Pretends to resize an image, taking [`THUMBNAIL_TIME`].
+#[stem::task(queue = "images", retries = 2, timeout = "30s", priority = 5)]
 pub async fn make_thumbnail(ctx: stem::Context, job: Thumbnail) -> Result<String, ThumbnailError> {
     if job.width == 0 {
         return Err(ThumbnailError::ZeroWidth);
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tracing::info!(path = %job.path, attempt = ctx.attempt(), "making a thumbnail");
+    tokio::time::sleep(THUMBNAIL_TIME).await;
     Ok(format!(
         "{}@{}w (worker {}, attempt {})",
         job.path,

@@ -5,7 +5,7 @@
 //! example producer uses, so the two cooperate with no configuration.
 
 #[tokio::main]
-async fn main() -> Result<(), stem::worker::WorkerError> {
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -13,6 +13,8 @@ async fn main() -> Result<(), stem::worker::WorkerError> {
         .init();
     // The tasks live in another crate: name one so the linker keeps it.
     tracing::info!(task = example_tasks::add::NAME, "linking example tasks");
+    // The id to `kill -9` in the walkthrough (not `cargo run`'s own).
+    tracing::info!(pid = std::process::id(), "worker process");
     let report = stem::worker::run().await?;
     tracing::info!(?report, "worker exited");
     Ok(())

@@ -1,14 +1,14 @@
-//! Worker configuration: defaults, `STEM_*` environment variables and
-//! command-line flags of the same names.
+//! Worker configuration: defaults, `STEM_*` environment variables,
+//! command-line flags of the same names and builder calls, in that order
+//! of precedence, every value checked the same way whichever set it.
 
 use std::time::Duration;
 
 use clap::Parser;
 
-use crate::duration::parse_duration;
-
-/// How a worker runs. Build one with [`WorkerConfig::default`] and the
-/// builder, or read it with [`WorkerConfig::from_env_and_args`].
+/// How a worker runs. [`Worker::builder`](super::Worker::builder) starts
+/// from the defaults and the `STEM_*` variables
+/// ([`WorkerConfig::from_env`]); its calls win over both.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkerConfig {
     /// Queues to consume; empty = every queue a registered task declares.
@@ -80,7 +80,10 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| String::from("localhost"))
 }
 
-/// The worker's flags; each also reads the `STEM_*` variable of its name.
+/// The worker's flags. The client flags also read their `STEM_*`
+/// variable here; the worker settings' variables are read by every
+/// [`WorkerBuilder::build`](super::WorkerBuilder::build), and a flag wins
+/// over its variable.
 #[derive(Debug, Parser)]
 #[command(
     name = "stem-worker",
@@ -96,72 +99,373 @@ pub struct WorkerArgs {
     /// Namespace of keys, tables and channels.
     #[arg(long, env = "STEM_NAMESPACE")]
     pub namespace: Option<String>,
-    /// Queues to consume, comma-separated (default: every task's queue).
-    #[arg(long, env = "STEM_QUEUES", value_delimiter = ',')]
+    /// Queues to consume, comma-separated (default: every task's queue;
+    /// variable `STEM_QUEUES`).
+    #[arg(long, value_delimiter = ',')]
     pub queues: Vec<String>,
-    /// Tasks run at once.
-    #[arg(long, env = "STEM_CONCURRENCY")]
-    pub concurrency: Option<usize>,
-    /// Deliveries held at most, running or waiting (default: 4 per slot).
-    #[arg(long, env = "STEM_PREFETCH")]
-    pub prefetch: Option<usize>,
-    /// Time in-flight tasks get after SIGINT/SIGTERM, e.g. `30s`.
-    #[arg(long, env = "STEM_SHUTDOWN_GRACE", value_parser = parse_duration)]
-    pub shutdown_grace: Option<Duration>,
-    /// Lease per delivery, e.g. `30s`.
-    #[arg(long, env = "STEM_LEASE", value_parser = parse_duration)]
-    pub lease: Option<Duration>,
-    /// Longest wait per fetch, e.g. `1s`.
-    #[arg(long, env = "STEM_POLL_INTERVAL", value_parser = parse_duration)]
-    pub poll_interval: Option<Duration>,
-    /// Heartbeat interval, e.g. `10s`.
-    #[arg(long, env = "STEM_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
-    pub heartbeat_interval: Option<Duration>,
-    /// Worker id (default `host-pid-random`).
-    #[arg(long, env = "STEM_WORKER_ID")]
+    /// Tasks run at once (variable `STEM_CONCURRENCY`).
+    #[arg(long)]
+    pub concurrency: Option<String>,
+    /// Deliveries held at most, running or waiting (default: 4 per slot;
+    /// variable `STEM_PREFETCH`).
+    #[arg(long)]
+    pub prefetch: Option<String>,
+    /// Time in-flight tasks get after SIGINT/SIGTERM, e.g. `30s`
+    /// (variable `STEM_SHUTDOWN_GRACE`).
+    #[arg(long)]
+    pub shutdown_grace: Option<String>,
+    /// Lease per delivery, e.g. `30s` (variable `STEM_LEASE`).
+    #[arg(long)]
+    pub lease: Option<String>,
+    /// Longest wait per fetch, e.g. `1s` (variable `STEM_POLL_INTERVAL`).
+    #[arg(long)]
+    pub poll_interval: Option<String>,
+    /// Heartbeat interval, e.g. `10s` (variable `STEM_HEARTBEAT_INTERVAL`).
+    #[arg(long)]
+    pub heartbeat_interval: Option<String>,
+    /// Worker id (default `host-pid-random`; variable `STEM_WORKER_ID`).
+    #[arg(long)]
     pub worker_id: Option<String>,
 }
 
 impl WorkerArgs {
-    /// Applies the flags that were given on top of `config`.
-    pub fn apply(&self, config: &mut WorkerConfig) {
-        let queues: Vec<String> = self
-            .queues
-            .iter()
-            .map(|q| q.trim().to_owned())
-            .filter(|q| !q.is_empty())
-            .collect();
-        if !queues.is_empty() {
-            config.queues = queues;
+    /// Applies the flags that were given on top of `config`, checked as
+    /// every setting is.
+    ///
+    /// # Errors
+    /// A [`crate::ConfigError::BadValue`] naming the flag.
+    pub fn apply(&self, config: &mut WorkerConfig) -> Result<(), crate::ConfigError> {
+        let given = self.settings()?;
+        let resolved = Settings::all_from(config, Source::Env).over(given);
+        *config = resolved.resolve()?;
+        Ok(())
+    }
+
+    /// The flags given, parsed and checked (no environment, no defaults).
+    pub(crate) fn settings(&self) -> Result<Settings, crate::ConfigError> {
+        let queues = (!self.queues.is_empty()).then(|| self.queues.join(","));
+        Settings::parse(Source::Flag, |key| match key.env {
+            "STEM_QUEUES" => queues.clone(),
+            "STEM_CONCURRENCY" => self.concurrency.clone(),
+            "STEM_PREFETCH" => self.prefetch.clone(),
+            "STEM_SHUTDOWN_GRACE" => self.shutdown_grace.clone(),
+            "STEM_LEASE" => self.lease.clone(),
+            "STEM_POLL_INTERVAL" => self.poll_interval.clone(),
+            "STEM_HEARTBEAT_INTERVAL" => self.heartbeat_interval.clone(),
+            "STEM_WORKER_ID" => self.worker_id.clone(),
+            _ => None,
+        })
+    }
+}
+
+/// Where a setting's value came from, lowest precedence first. An error
+/// names the setting as its source spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Source {
+    /// A `STEM_*` variable.
+    Env,
+    /// A command-line flag.
+    Flag,
+    /// A [`WorkerBuilder`](super::WorkerBuilder) call.
+    Builder,
+}
+
+/// One worker setting: its variable, its flag and its builder method.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Key {
+    env: &'static str,
+    flag: &'static str,
+    method: &'static str,
+}
+
+impl Key {
+    fn name(self, source: Source) -> String {
+        match source {
+            Source::Env => self.env.to_owned(),
+            Source::Flag => self.flag.to_owned(),
+            Source::Builder => format!("WorkerBuilder::{}", self.method),
         }
-        if let Some(c) = self.concurrency {
-            config.concurrency = c;
-            if self.prefetch.is_none() {
-                config.prefetch = c.saturating_mul(PREFETCH_PER_SLOT);
-            }
-        }
-        if let Some(p) = self.prefetch {
-            config.prefetch = p;
-        }
-        if let Some(d) = self.shutdown_grace {
-            config.shutdown_grace = d;
-        }
-        if let Some(d) = self.lease {
-            config.lease = d;
-        }
-        if let Some(d) = self.poll_interval {
-            config.poll_interval = d;
-        }
-        if let Some(d) = self.heartbeat_interval {
-            config.heartbeat_interval = d;
-        }
-        if let Some(id) = &self.worker_id {
-            config.worker_id.clone_from(id);
+    }
+
+    fn bad(self, source: Source, value: String, reason: &str) -> crate::ConfigError {
+        crate::ConfigError::BadValue {
+            key: self.name(source),
+            value,
+            reason: reason.to_owned(),
         }
     }
 }
 
+const fn key(env: &'static str, flag: &'static str, method: &'static str) -> Key {
+    Key { env, flag, method }
+}
+
+pub(crate) const QUEUES: Key = key("STEM_QUEUES", "--queues", "queues");
+pub(crate) const CONCURRENCY: Key = key("STEM_CONCURRENCY", "--concurrency", "concurrency");
+pub(crate) const PREFETCH: Key = key("STEM_PREFETCH", "--prefetch", "prefetch");
+pub(crate) const SHUTDOWN_GRACE: Key =
+    key("STEM_SHUTDOWN_GRACE", "--shutdown-grace", "shutdown_grace");
+pub(crate) const LEASE: Key = key("STEM_LEASE", "--lease", "lease");
+pub(crate) const POLL_INTERVAL: Key = key("STEM_POLL_INTERVAL", "--poll-interval", "poll_interval");
+pub(crate) const HEARTBEAT_INTERVAL: Key = key(
+    "STEM_HEARTBEAT_INTERVAL",
+    "--heartbeat-interval",
+    "heartbeat_interval",
+);
+pub(crate) const WORKER_ID: Key = key("STEM_WORKER_ID", "--worker-id", "worker_id");
+
+/// Every setting, in the order they are read.
+const KEYS: [Key; 8] = [
+    QUEUES,
+    CONCURRENCY,
+    PREFETCH,
+    SHUTDOWN_GRACE,
+    LEASE,
+    POLL_INTERVAL,
+    HEARTBEAT_INTERVAL,
+    WORKER_ID,
+];
+
+/// A value and where it came from; `None` when not given.
+type Given<T> = Option<(T, Source)>;
+
+/// The worker settings given explicitly, each with its source. Layers
+/// stack with [`Settings::over`]; [`Settings::resolve`] fills the rest
+/// with defaults and checks the result.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Settings {
+    pub(crate) queues: Given<Vec<String>>,
+    pub(crate) concurrency: Given<usize>,
+    pub(crate) prefetch: Given<usize>,
+    pub(crate) shutdown_grace: Given<Duration>,
+    pub(crate) lease: Given<Duration>,
+    pub(crate) poll_interval: Given<Duration>,
+    pub(crate) heartbeat_interval: Given<Duration>,
+    pub(crate) worker_id: Given<String>,
+}
+
+impl Settings {
+    /// Every field of `config`, as given by `source`.
+    pub(crate) fn all_from(config: &WorkerConfig, source: Source) -> Self {
+        Self {
+            queues: Some((config.queues.clone(), source)),
+            concurrency: Some((config.concurrency, source)),
+            prefetch: Some((config.prefetch, source)),
+            shutdown_grace: Some((config.shutdown_grace, source)),
+            lease: Some((config.lease, source)),
+            poll_interval: Some((config.poll_interval, source)),
+            heartbeat_interval: Some((config.heartbeat_interval, source)),
+            worker_id: Some((config.worker_id.clone(), source)),
+        }
+    }
+
+    /// The settings `lookup` gives by variable name (blank = not given),
+    /// parsed and checked.
+    pub(crate) fn parse(
+        source: Source,
+        mut lookup: impl FnMut(Key) -> Option<String>,
+    ) -> Result<Self, crate::ConfigError> {
+        let mut out = Self::default();
+        for key in KEYS {
+            let Some(raw) = lookup(key).filter(|v| !v.trim().is_empty()) else {
+                continue;
+            };
+            let raw = raw.trim();
+            let count = || {
+                raw.parse::<usize>()
+                    .map(|n| Some((n, source)))
+                    .map_err(|e| {
+                        key.bad(source, raw.to_owned(), &format!("{e}; use a whole number"))
+                    })
+            };
+            let duration = || {
+                crate::duration::parse_duration(raw)
+                    .map(|d| Some((d, source)))
+                    .map_err(|e| key.bad(source, raw.to_owned(), &e))
+            };
+            match key.env {
+                "STEM_QUEUES" => {
+                    let queues: Vec<String> = raw
+                        .split(',')
+                        .map(|q| q.trim().to_owned())
+                        .filter(|q| !q.is_empty())
+                        .collect();
+                    if !queues.is_empty() {
+                        out.queues = Some((queues, source));
+                    }
+                }
+                "STEM_CONCURRENCY" => out.concurrency = count()?,
+                "STEM_PREFETCH" => out.prefetch = count()?,
+                "STEM_SHUTDOWN_GRACE" => out.shutdown_grace = duration()?,
+                "STEM_LEASE" => out.lease = duration()?,
+                "STEM_POLL_INTERVAL" => out.poll_interval = duration()?,
+                "STEM_HEARTBEAT_INTERVAL" => out.heartbeat_interval = duration()?,
+                _ => out.worker_id = Some((raw.to_owned(), source)),
+            }
+        }
+        out.check()?;
+        Ok(out)
+    }
+
+    /// The `STEM_*` variables of this process.
+    pub(crate) fn from_env() -> Result<Self, crate::ConfigError> {
+        Self::parse(Source::Env, |key| match std::env::var(key.env) {
+            Ok(v) => Some(v),
+            Err(std::env::VarError::NotPresent) => None,
+            // Not UTF-8: passed on lossily, so it fails to parse (or, for
+            // the worker id, is at least shown) instead of being ignored.
+            Err(std::env::VarError::NotUnicode(v)) => Some(v.to_string_lossy().into_owned()),
+        })
+    }
+
+    /// `top` over `self`: each setting `top` gives wins.
+    #[must_use]
+    pub(crate) fn over(self, top: Self) -> Self {
+        Self {
+            queues: top.queues.or(self.queues),
+            concurrency: top.concurrency.or(self.concurrency),
+            prefetch: top.prefetch.or(self.prefetch),
+            shutdown_grace: top.shutdown_grace.or(self.shutdown_grace),
+            lease: top.lease.or(self.lease),
+            poll_interval: top.poll_interval.or(self.poll_interval),
+            heartbeat_interval: top.heartbeat_interval.or(self.heartbeat_interval),
+            worker_id: top.worker_id.or(self.worker_id),
+        }
+    }
+
+    /// Checks each given value on its own, naming it as its source does.
+    fn check(&self) -> Result<(), crate::ConfigError> {
+        if let Some((0, src)) = self.concurrency {
+            return Err(CONCURRENCY.bad(src, "0".into(), "use at least 1"));
+        }
+        if let Some((0, src)) = self.prefetch {
+            return Err(PREFETCH.bad(src, "0".into(), "use at least 1"));
+        }
+        if let Some((d, src)) = self.lease
+            && d < MIN_LEASE
+        {
+            return Err(LEASE.bad(
+                src,
+                format!("{d:?}"),
+                "use at least 100ms; leases are renewed every third of their length",
+            ));
+        }
+        for (key, given) in [
+            (POLL_INTERVAL, self.poll_interval),
+            (HEARTBEAT_INTERVAL, self.heartbeat_interval),
+        ] {
+            if let Some((d, src)) = given
+                && d.is_zero()
+            {
+                return Err(key.bad(src, "0".into(), "use at least 1ms"));
+            }
+        }
+        if let Some((id, src)) = &self.worker_id
+            && id.trim().is_empty()
+        {
+            return Err(WORKER_ID.bad(*src, id.clone(), "use a non-empty id"));
+        }
+        if let Some((queues, src)) = &self.queues {
+            for q in queues {
+                crate::envelope::validate_queue_name(q)
+                    .map_err(|e| QUEUES.bad(*src, q.clone(), &e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration: each given value over the defaults, checked.
+    /// The prefetch follows the concurrency ([`PREFETCH_PER_SLOT`] per
+    /// slot) unless it was given at the same or a higher precedence.
+    pub(crate) fn resolve(&self) -> Result<WorkerConfig, crate::ConfigError> {
+        self.check()?;
+        let mut config = WorkerConfig::default();
+        if let Some((q, _)) = &self.queues {
+            config.queues.clone_from(q);
+        }
+        if let Some((c, _)) = self.concurrency {
+            config.concurrency = c;
+        }
+        config.prefetch = match (self.prefetch, self.concurrency) {
+            (Some((p, ps)), Some((_, cs))) if ps >= cs => p,
+            (_, Some((c, _))) => c.saturating_mul(PREFETCH_PER_SLOT),
+            (Some((p, _)), None) => p,
+            (None, None) => config.prefetch,
+        };
+        if let Some((d, _)) = self.shutdown_grace {
+            config.shutdown_grace = d;
+        }
+        if let Some((d, _)) = self.lease {
+            config.lease = d;
+        }
+        if let Some((d, _)) = self.poll_interval {
+            config.poll_interval = d;
+        }
+        if let Some((d, _)) = self.heartbeat_interval {
+            config.heartbeat_interval = d;
+        }
+        if let Some((id, _)) = &self.worker_id {
+            config.worker_id.clone_from(id);
+        }
+        if config.prefetch < config.concurrency {
+            let src = self
+                .prefetch
+                .filter(|&(p, _)| p == config.prefetch)
+                .map_or(Source::Builder, |(_, s)| s);
+            return Err(PREFETCH.bad(
+                src,
+                config.prefetch.to_string(),
+                &format!(
+                    "the prefetch counts running deliveries too: use at least the concurrency ({})",
+                    config.concurrency
+                ),
+            ));
+        }
+        Ok(config)
+    }
+}
+
+/// The shortest lease a worker takes.
+const MIN_LEASE: Duration = Duration::from_millis(100);
+
 impl WorkerConfig {
+    /// The defaults with this process's `STEM_*` variables over them
+    /// (`STEM_QUEUES`, `STEM_CONCURRENCY`, `STEM_PREFETCH`,
+    /// `STEM_SHUTDOWN_GRACE`, `STEM_LEASE`, `STEM_POLL_INTERVAL`,
+    /// `STEM_HEARTBEAT_INTERVAL`, `STEM_WORKER_ID`; blank = unset), checked.
+    ///
+    /// # Errors
+    /// A [`crate::ConfigError::BadValue`] naming the variable.
+    pub fn from_env() -> Result<Self, crate::ConfigError> {
+        Settings::from_env()?.resolve()
+    }
+
+    /// As [`WorkerConfig::from_env`], reading the variables from `vars`
+    /// instead of the process environment (for tests and embedding).
+    ///
+    /// ```
+    /// use stem_core::worker::WorkerConfig;
+    /// let c = WorkerConfig::from_env_map([("STEM_CONCURRENCY", "3"), ("STEM_WORKER_ID", "w1")]).unwrap();
+    /// assert_eq!((c.concurrency, c.prefetch, c.worker_id.as_str()), (3, 12, "w1"));
+    /// let err = WorkerConfig::from_env_map([("STEM_CONCURRENCY", "0")]).unwrap_err();
+    /// assert!(err.to_string().contains("STEM_CONCURRENCY"), "{err}");
+    /// ```
+    ///
+    /// # Errors
+    /// A [`crate::ConfigError::BadValue`] naming the variable.
+    pub fn from_env_map<I, K, V>(vars: I) -> Result<Self, crate::ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: Into<String>,
+    {
+        let vars: std::collections::HashMap<String, String> = vars
+            .into_iter()
+            .map(|(k, v)| (k.as_ref().to_owned(), v.into()))
+            .collect();
+        Settings::parse(Source::Env, |key| vars.get(key.env).cloned())?.resolve()
+    }
+
     /// Checks the values.
     ///
     /// ```
@@ -191,7 +495,7 @@ impl WorkerConfig {
                 ),
             ));
         }
-        if self.lease < Duration::from_millis(100) {
+        if self.lease < MIN_LEASE {
             return Err(bad(
                 "STEM_LEASE",
                 format!("{:?}", self.lease),
@@ -206,6 +510,13 @@ impl WorkerConfig {
                 "STEM_HEARTBEAT_INTERVAL",
                 "0".into(),
                 "use at least 1ms",
+            ));
+        }
+        if self.worker_id.trim().is_empty() {
+            return Err(bad(
+                "STEM_WORKER_ID",
+                self.worker_id.clone(),
+                "use a non-empty id",
             ));
         }
         for q in &self.queues {

@@ -61,8 +61,9 @@ use crate::context::{ContextShared, StateMap};
 use crate::error::{ConfigError, StemError};
 use crate::registry::{RegistryError, TaskEntry};
 
-/// Why a worker could not start.
-#[derive(Debug, thiserror::Error)]
+/// Why a worker could not start. Its `Debug` is the readable message
+/// chain, as [`StemError`]'s is.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum WorkerError {
     /// The task registry is inconsistent.
@@ -82,6 +83,12 @@ pub enum WorkerError {
     /// Flags could not be parsed.
     #[error("{0}")]
     Args(String),
+}
+
+impl std::fmt::Debug for WorkerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        crate::error::fmt_chain(self, f)
+    }
 }
 
 /// Counters of what a worker did.
@@ -181,12 +188,18 @@ pub(crate) struct Runtime {
 }
 
 /// Builds a [`Worker`].
+///
+/// Settings start from the defaults with the `STEM_*` variables over them
+/// (read at [`build`](WorkerBuilder::build), as [`WorkerConfig::from_env`]
+/// does); each builder call wins over its variable. Every value is checked
+/// at `build`, and a bad one is a [`ConfigError::BadValue`] naming the
+/// variable, flag or builder method that set it.
 #[derive(Debug, Default)]
 pub struct WorkerBuilder {
     client: Option<Stem>,
-    config: WorkerConfig,
+    /// Flags (from [`builder_from_args`]) and builder calls.
+    settings: config::Settings,
     states: StateMap,
-    prefetch_set: bool,
 }
 
 impl WorkerBuilder {
@@ -204,25 +217,25 @@ impl WorkerBuilder {
         self
     }
 
-    /// Queues to consume (default: every registered task's queue).
+    /// Queues to consume (default: `STEM_QUEUES`, else every registered
+    /// task's queue).
     #[must_use]
     pub fn queues<I, S>(mut self, queues: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.config.queues = queues.into_iter().map(Into::into).collect();
+        let queues = queues.into_iter().map(Into::into).collect();
+        self.settings.queues = Some((queues, config::Source::Builder));
         self
     }
 
-    /// Tasks run at once. Unless [`WorkerBuilder::prefetch`] is set, the
-    /// prefetch follows: [`PREFETCH_PER_SLOT`] deliveries per slot.
+    /// Tasks run at once. Unless a prefetch is set here (or by a
+    /// `config`), the prefetch follows: [`PREFETCH_PER_SLOT`] deliveries
+    /// per slot.
     #[must_use]
     pub fn concurrency(mut self, n: usize) -> Self {
-        self.config.concurrency = n;
-        if !self.prefetch_set {
-            self.config.prefetch = n.saturating_mul(PREFETCH_PER_SLOT);
-        }
+        self.settings.concurrency = Some((n, config::Source::Builder));
         self
     }
 
@@ -233,61 +246,63 @@ impl WorkerBuilder {
     /// when tasks are slow. Equal to the concurrency: no task waits.
     #[must_use]
     pub fn prefetch(mut self, n: usize) -> Self {
-        self.config.prefetch = n;
-        self.prefetch_set = true;
+        self.settings.prefetch = Some((n, config::Source::Builder));
         self
     }
 
     /// Time in-flight tasks get to finish after shutdown is asked.
     #[must_use]
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
-        self.config.shutdown_grace = grace;
+        self.settings.shutdown_grace = Some((grace, config::Source::Builder));
         self
     }
 
     /// Lease per delivery.
     #[must_use]
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.config.lease = lease;
+        self.settings.lease = Some((lease, config::Source::Builder));
         self
     }
 
     /// Longest a fetch waits for work.
     #[must_use]
     pub fn poll_interval(mut self, interval: Duration) -> Self {
-        self.config.poll_interval = interval;
+        self.settings.poll_interval = Some((interval, config::Source::Builder));
         self
     }
 
     /// Heartbeat interval.
     #[must_use]
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
-        self.config.heartbeat_interval = interval;
+        self.settings.heartbeat_interval = Some((interval, config::Source::Builder));
         self
     }
 
     /// This worker's id.
     #[must_use]
     pub fn worker_id(mut self, id: impl Into<String>) -> Self {
-        self.config.worker_id = id.into();
+        self.settings.worker_id = Some((id.into(), config::Source::Builder));
         self
     }
 
-    /// Replaces the whole configuration.
+    /// Replaces the whole configuration: the variables and every earlier
+    /// call are overridden; later calls still change it.
     #[must_use]
     pub fn config(mut self, config: WorkerConfig) -> Self {
-        self.config = config;
-        self.prefetch_set = true;
+        self.settings = config::Settings::all_from(&config, config::Source::Builder);
         self
     }
 
-    /// Checks the registry and configuration and builds the worker.
+    /// Reads the `STEM_*` variables under the flags and builder calls,
+    /// checks the registry and configuration and builds the worker.
     ///
     /// # Errors
     /// Duplicate task names (both locations), a task needing state the
     /// worker lacks, no tasks at all, bad settings, or no client.
     pub async fn build(self) -> Result<Worker, WorkerError> {
-        self.config.validate()?;
+        let mut config = config::Settings::from_env()?
+            .over(self.settings)
+            .resolve()?;
         let tasks = crate::registry::build_index(crate::registry::entries())?;
         if tasks.is_empty() {
             return Err(WorkerError::NoTasks);
@@ -297,7 +312,6 @@ impl WorkerBuilder {
             Some(c) => c,
             None => Stem::default_client().await?,
         };
-        let mut config = self.config;
         if config.queues.is_empty() {
             let set: BTreeSet<&str> = tasks.values().map(|t| t.options.queue).collect();
             config.queues = set.into_iter().map(str::to_owned).collect();
@@ -332,7 +346,8 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
-    /// A builder with default settings.
+    /// A builder: the defaults, under the `STEM_*` variables (read at
+    /// [`WorkerBuilder::build`]), under its own calls.
     #[must_use]
     pub fn builder() -> WorkerBuilder {
         WorkerBuilder::default()
@@ -442,8 +457,9 @@ impl WorkerHandle {
 ///
 /// ```no_run
 /// #[tokio::main]
-/// async fn main() -> Result<(), stem_core::worker::WorkerError> {
-///     stem_core::worker::run().await.map(|_| ())
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     stem_core::worker::run().await?;
+///     Ok(())
 /// }
 /// ```
 ///
@@ -465,15 +481,16 @@ pub async fn run() -> Result<WorkerReport, WorkerError> {
     builder_from_args(&args).await?.build().await?.run().await
 }
 
-/// A builder configured from parsed flags/variables, connected to the
-/// broker they name (or the default client when they name none).
+/// A builder configured from parsed flags, connected to the broker they
+/// (or `STEM_BROKER_URL`) name, else to the default client. The worker
+/// settings' variables are read under the flags at `build`.
 ///
 /// # Errors
-/// A connect error.
+/// A bad flag value ([`ConfigError::BadValue`] naming the flag), or a
+/// connect error.
 pub async fn builder_from_args(args: &WorkerArgs) -> Result<WorkerBuilder, WorkerError> {
-    let mut config = WorkerConfig::default();
-    args.apply(&mut config);
-    let mut builder = Worker::builder().config(config);
+    let mut builder = Worker::builder();
+    builder.settings = args.settings()?;
     if let Some(url) = &args.broker_url {
         let namespace = args
             .namespace

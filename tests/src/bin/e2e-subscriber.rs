@@ -1,6 +1,6 @@
 //! A broadcast subscriber process for the multi-process tests: subscribes
-//! to the channel in argv[1] on `STEM_BROKER_URL`, prints `ready`, then
-//! prints each message's payload on its own line and exits after argv[2]
+//! to the channel in `argv[1]` on `STEM_BROKER_URL`, prints `ready`, then
+//! prints each message's payload on its own line and exits after `argv[2]`
 //! messages.
 
 // Its output is read by the test.
