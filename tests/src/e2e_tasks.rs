@@ -17,3 +17,19 @@ pub async fn ledger_slow(key: String, millis: u64) -> String {
     crate::ledger::append("done", &key);
     key
 }
+
+/// Records its start, sleeps, then fails (no retries) in a worker process
+/// started with `STEM_E2E_FAIL` set, and succeeds elsewhere: the stale and
+/// the live run of one task end differently, so a test can tell whose
+/// result was recorded.
+#[stem::task(queue = "e2e_slow", retries = 0)]
+pub async fn ledger_outcome(key: String, millis: u64) -> Result<String, String> {
+    crate::ledger::append("start", &key);
+    tokio::time::sleep(Duration::from_millis(millis)).await;
+    if std::env::var_os("STEM_E2E_FAIL").is_some() {
+        crate::ledger::append("failed", &key);
+        return Err(String::from("failing on purpose (STEM_E2E_FAIL is set)"));
+    }
+    crate::ledger::append("done", &key);
+    Ok(key)
+}

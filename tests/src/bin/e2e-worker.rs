@@ -1,8 +1,18 @@
 //! A worker process for the multi-process tests: runs the ledger tasks on
-//! the broker named by `STEM_BROKER_URL`.
+//! the broker named by `STEM_BROKER_URL`, and prints its final counts on
+//! stdout as one line (`report succeeded=N failed=N ...`) when it stops.
+
+use std::io::Write;
 
 #[tokio::main]
 async fn main() -> Result<(), stem::worker::WorkerError> {
     tracing::debug!(task = stem_tests::e2e_tasks::ledger_noop::NAME, "linked");
-    stem::worker::run().await.map(|_| ())
+    let r = stem::worker::run().await?;
+    let line = format!(
+        "report succeeded={} failed={} retried={} dead_lettered={} requeued={}\n",
+        r.succeeded, r.failed, r.retried, r.dead_lettered, r.requeued
+    );
+    // A test reads it; a closed stdout is not the worker's failure.
+    let _ = std::io::stdout().write_all(line.as_bytes());
+    Ok(())
 }
