@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stem::Stem;
+use chrono::Utc;
+use stem::{Stem, TaskId};
 
 use crate::Res;
 use crate::check::{self, Verdict};
@@ -243,18 +244,23 @@ impl Bench {
         })
     }
 
-    async fn enqueue_batches(&self, client: &Stem, n: u64, pad: &str) -> Res<()> {
+    async fn enqueue_batches(&self, client: &Stem, n: u64, pad: &str) -> Res<Vec<TaskId>> {
         let batch = self.batch.max(1) as u64;
+        let keep = client.backend().is_some();
+        let mut ids = Vec::new();
         let mut lo = 0;
         while lo < n {
             let hi = (lo + batch).min(n);
-            bench_noop::with()
+            let handles = bench_noop::with()
                 .on(client)
                 .enqueue_many(self.seqs(lo, hi).map(|seq| self.args(seq, 0, pad)))
                 .await?;
+            if keep {
+                ids.extend(handles.iter().map(|h| h.id()));
+            }
             lo = hi;
         }
-        Ok(())
+        Ok(ids)
     }
 
     /// Runs the `n` queued tasks on an in-process worker (untimed) and judges them.
@@ -285,7 +291,7 @@ impl Bench {
         let n = self.tasks;
         let pad = self.pad();
         let t_pre = Instant::now();
-        self.enqueue_batches(client, n, &pad).await?;
+        let ids = self.enqueue_batches(client, n, &pad).await?;
         let preload = t_pre.elapsed();
         let st = client.stats(QUEUE).await?;
         if st.ready != n {
@@ -302,12 +308,19 @@ impl Bench {
             let recorder = Arc::new(Recorder::counting(n));
             let cpu0 = sys::cpu_seconds("self")?;
             let t0 = Instant::now();
+            let t0_wall = Utc::now();
             let worker = workers::builder(client, Probe(Arc::clone(&recorder)), &self.worker)
                 .build()
                 .await?
                 .start();
             let done = wait_until_drained(client, Some(&recorder), n, self.timeout, &mut []).await;
-            let elapsed = t0.elapsed();
+            let mut elapsed = t0.elapsed();
+            if !ids.is_empty() {
+                let (until_terminal, note) =
+                    records_terminal(client, &ids, t0_wall, self.timeout).await?;
+                elapsed = elapsed.max(until_terminal);
+                notes.push(note);
+            }
             let cpu_s = sys::cpu_seconds("self")? - cpu0;
             let rss = sys::peak_rss_kib("self")?;
             let t_stop = Instant::now();
@@ -332,10 +345,17 @@ impl Bench {
         } else {
             let cpu0 = sys::cpu_seconds("self")?;
             let t0 = Instant::now();
+            let t0_wall = Utc::now();
             let mut procs = self.spawn_workers(ns)?;
             let done = wait_until_drained(client, None, n, self.timeout, &mut procs).await;
-            let elapsed = t0.elapsed();
+            let mut elapsed = t0.elapsed();
             done?;
+            if !ids.is_empty() {
+                let (until_terminal, note) =
+                    records_terminal(client, &ids, t0_wall, self.timeout).await?;
+                elapsed = elapsed.max(until_terminal);
+                notes.push(note);
+            }
             notes.push(String::from(
                 "timed from spawning the worker processes (process start-up included)",
             ));
@@ -503,6 +523,68 @@ fn in_process_rss_scope() -> String {
 /// the estimated time left, at most 1 s) while many tasks remain, since a
 /// SQLite `stats` call scans the queue. Fails if a worker process dies or
 /// `timeout` passes.
+/// With a result backend, a drain ends only when every task's record is
+/// terminal: reads every record (untimed) until all are, and returns the
+/// time from `t0` to the last record's `updated_at`, so a result written
+/// after the queue emptied (or lost, which times out) cannot pass.
+async fn records_terminal(
+    client: &Stem,
+    ids: &[TaskId],
+    t0: chrono::DateTime<Utc>,
+    timeout: Duration,
+) -> Res<(Duration, String)> {
+    use futures::StreamExt as _;
+    let backend = client
+        .backend()
+        .ok_or("records_terminal needs a result backend")?;
+    let started = Instant::now();
+    let mut pending: Vec<TaskId> = ids.to_vec();
+    let mut latest = t0;
+    while !pending.is_empty() {
+        let answers: Vec<(TaskId, Option<chrono::DateTime<Utc>>)> =
+            futures::stream::iter(pending.iter().copied())
+                .map(|id| async move {
+                    let rec = backend.get(id).await.ok().flatten();
+                    (
+                        id,
+                        rec.filter(|r| r.state.is_terminal()).map(|r| r.updated_at),
+                    )
+                })
+                .buffer_unordered(64)
+                .collect()
+                .await;
+        pending.clear();
+        for (id, at) in answers {
+            match at {
+                Some(at) => latest = latest.max(at),
+                None => pending.push(id),
+            }
+        }
+        if pending.is_empty() {
+            break;
+        }
+        if started.elapsed() > timeout {
+            return Err(format!(
+                "{} of {} task records are not terminal after {timeout:?}",
+                pending.len(),
+                ids.len()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let until = (latest - t0).to_std().unwrap_or(Duration::ZERO);
+    Ok((
+        until,
+        format!(
+            "every one of {} records is terminal; the last was written {:.3} s after the start (checked untimed in {:.3} s)",
+            ids.len(),
+            until.as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        ),
+    ))
+}
+
 async fn wait_until_drained(
     client: &Stem,
     recorder: Option<&Recorder>,

@@ -49,8 +49,12 @@ pub struct Limits {
     /// split (re-defer on delivery), never silently shortened.
     pub max_delay: Option<Duration>,
     /// Most envelopes or settlements one call may carry (SQS: 10); `None`
-    /// when unbounded. The client and completer split larger batches.
+    /// when unbounded. The completer splits larger batches.
     pub max_batch: Option<usize>,
+    /// Longest a lease can be held in total, extensions included (SQS: 12
+    /// hours from the receive); `None` when unbounded. An extension past it
+    /// fails with `LeaseLost` rather than silently not holding.
+    pub max_lease: Option<Duration>,
     /// Largest encoded envelope accepted (B16).
     pub max_envelope_bytes: usize,
 }
@@ -67,6 +71,7 @@ impl Limits {
         Self {
             max_delay: None,
             max_batch: None,
+            max_lease: None,
             max_envelope_bytes,
         }
     }
@@ -130,10 +135,11 @@ impl Capabilities {
 }
 
 /// The adapter's own proof of a lease: whatever it needs to find and fence
-/// the delivery. Two integers cover row-and-token stores (SQLite, Postgres)
-/// and stream entry ids (Redis `ms-seq`, with the delivery count as the
-/// fence); anything else (an SQS receipt handle, an AMQP delivery tag with
-/// its channel) is the adapter's own type behind [`ReceiptHandle::Opaque`].
+/// the delivery. Two integers cover row-and-token stores (SQLite, Postgres:
+/// row id and lease token) and AMQP (channel epoch and delivery tag);
+/// anything else (a Redis stream key, entry id and fence; an SQS receipt
+/// handle of up to 1 KiB) is the adapter's own type behind
+/// [`ReceiptHandle::Opaque`]. See ARCHITECTURE.md for each adapter's.
 #[derive(Clone)]
 pub enum ReceiptHandle {
     /// Two integers the adapter chose, e.g. a row and its lease token.

@@ -514,9 +514,9 @@ async fn a_prefetch_below_the_concurrency_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_names_and_bad_args_are_dead_lettered_with_a_reason() {
+async fn unknown_names_past_the_grace_and_bad_args_are_dead_lettered_with_a_reason() {
     let stem = isolated_client("garbage").await;
-    let worker = start(&stem, &["panics"], |b| b).await;
+    let worker = start(&stem, &["panics"], |b| b.unknown_task_grace(Duration::ZERO)).await;
     let unknown = Envelope::new("no::such::task", "panics", serde_json::json!({})).unwrap();
     stem.publish(unknown).await.unwrap();
     let bad_args = Envelope::new(
@@ -562,6 +562,99 @@ async fn unknown_names_and_bad_args_are_dead_lettered_with_a_reason() {
     // The worker keeps running.
     let good = fine::enqueue_on(&stem, 2).await.unwrap();
     assert_eq!(good.wait(Duration::from_secs(10)).await.unwrap(), 4);
+    stop(worker).await;
+}
+
+/// A rolling deploy: the old build's worker receives a task only the new
+/// build knows. It hands it back (no attempt charged, a short delay), so
+/// the new build's worker, consuming the same queue, runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_task_is_handed_back_for_another_build_during_a_rolling_deploy() {
+    let stem = isolated_client("rolling").await;
+    let old_build = start(&stem, &["deploy"], |b| b).await;
+    let new_task = Envelope::new(
+        "new_build::send_invoice",
+        "deploy",
+        serde_json::json!({"n": 1}),
+    )
+    .unwrap();
+    let id = stem.publish(new_task).await.unwrap().id();
+    // The old build has seen it and handed it back.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let s = stem.stats("deploy").await.unwrap();
+            s.delayed == 1 && s.leased == 0
+        })
+        .await,
+        "handed back with a delay, not run and not dead-lettered: {:?}",
+        stem.stats("deploy").await.unwrap()
+    );
+    stop(old_build).await;
+    // The new build's worker (here: a consumer that knows the name).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let got = loop {
+        let got = stem
+            .broker()
+            .fetch(&FetchRequest::new(["deploy"], 1).wait(Duration::from_millis(200)))
+            .await
+            .unwrap();
+        if !got.is_empty() {
+            break got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the handed-back task never came back"
+        );
+    };
+    assert_eq!(got[0].envelope.id, id);
+    assert_eq!(got[0].envelope.attempt, 0, "no attempt was charged");
+    assert!(
+        got[0].deliveries >= 2,
+        "it was delivered to the old build first"
+    );
+    stem.broker().ack(&got[0].receipt).await.unwrap();
+    let dead = stem
+        .broker()
+        .dead_letters()
+        .expect("dead letters")
+        .count("deploy")
+        .await
+        .unwrap();
+    assert_eq!(dead, 0, "nothing was dead-lettered");
+}
+
+/// A task no worker knows is dead-lettered once the grace has passed, with
+/// a reason that names the grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_task_is_dead_lettered_after_the_grace() {
+    let stem = isolated_client("grace").await;
+    let worker = start(&stem, &["graced"], |b| {
+        b.unknown_task_grace(Duration::from_millis(1500))
+    })
+    .await;
+    let started = Instant::now();
+    stem.publish(Envelope::new("nobody::knows", "graced", serde_json::json!({})).unwrap())
+        .await
+        .unwrap();
+    let dl = stem.broker().dead_letters().expect("dead letters");
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            dl.count("graced").await.unwrap() == 1
+        })
+        .await
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "dead-lettered before the grace ended ({:?})",
+        started.elapsed()
+    );
+    let dead = dl.list("graced", None, 10).await.unwrap().items;
+    assert!(
+        dead[0].reason.contains("within the grace of 1s 500ms"),
+        "{}",
+        dead[0].reason
+    );
+    assert_eq!(dead[0].envelope.as_ref().map(|e| e.attempt), Some(0));
     stop(worker).await;
 }
 

@@ -31,6 +31,11 @@ pub struct WorkerConfig {
     pub heartbeat_interval: Duration,
     /// This worker's id (`host-pid-random` by default).
     pub worker_id: String,
+    /// How long a task this worker does not know is handed back for
+    /// another worker (another app on the same namespace, a newer or older
+    /// build during a rolling deploy) before it is dead-lettered, counted
+    /// from its enqueue time. Default 5 minutes.
+    pub unknown_task_grace: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -48,9 +53,13 @@ impl Default for WorkerConfig {
             poll_interval: Duration::from_secs(1),
             heartbeat_interval: Duration::from_secs(10),
             worker_id: default_worker_id(),
+            unknown_task_grace: DEFAULT_UNKNOWN_TASK_GRACE,
         }
     }
 }
+
+/// How long an unknown task is handed back before it is dead-lettered.
+pub const DEFAULT_UNKNOWN_TASK_GRACE: Duration = Duration::from_secs(5 * 60);
 
 /// Deliveries a worker holds per executor slot unless `prefetch` is set:
 /// the one running and three waiting (Celery's default multiplier is 4
@@ -126,6 +135,11 @@ pub struct WorkerArgs {
     /// Worker id (default `host-pid-random`; variable `STEM_WORKER_ID`).
     #[arg(long)]
     pub worker_id: Option<String>,
+    /// How long a task this worker does not know is handed back for other
+    /// workers before it is dead-lettered, e.g. `5m` (variable
+    /// `STEM_UNKNOWN_TASK_GRACE`).
+    #[arg(long)]
+    pub unknown_task_grace: Option<String>,
 }
 
 impl WorkerArgs {
@@ -153,6 +167,7 @@ impl WorkerArgs {
             "STEM_POLL_INTERVAL" => self.poll_interval.clone(),
             "STEM_HEARTBEAT_INTERVAL" => self.heartbeat_interval.clone(),
             "STEM_WORKER_ID" => self.worker_id.clone(),
+            "STEM_UNKNOWN_TASK_GRACE" => self.unknown_task_grace.clone(),
             _ => None,
         })
     }
@@ -213,9 +228,14 @@ pub(crate) const HEARTBEAT_INTERVAL: Key = key(
     "heartbeat_interval",
 );
 pub(crate) const WORKER_ID: Key = key("STEM_WORKER_ID", "--worker-id", "worker_id");
+pub(crate) const UNKNOWN_TASK_GRACE: Key = key(
+    "STEM_UNKNOWN_TASK_GRACE",
+    "--unknown-task-grace",
+    "unknown_task_grace",
+);
 
 /// Every setting, in the order they are read.
-const KEYS: [Key; 8] = [
+const KEYS: [Key; 9] = [
     QUEUES,
     CONCURRENCY,
     PREFETCH,
@@ -224,6 +244,7 @@ const KEYS: [Key; 8] = [
     POLL_INTERVAL,
     HEARTBEAT_INTERVAL,
     WORKER_ID,
+    UNKNOWN_TASK_GRACE,
 ];
 
 /// A value and where it came from; `None` when not given.
@@ -242,6 +263,7 @@ pub(crate) struct Settings {
     pub(crate) poll_interval: Given<Duration>,
     pub(crate) heartbeat_interval: Given<Duration>,
     pub(crate) worker_id: Given<String>,
+    pub(crate) unknown_task_grace: Given<Duration>,
 }
 
 impl Settings {
@@ -256,6 +278,7 @@ impl Settings {
             poll_interval: Some((config.poll_interval, source)),
             heartbeat_interval: Some((config.heartbeat_interval, source)),
             worker_id: Some((config.worker_id.clone(), source)),
+            unknown_task_grace: Some((config.unknown_task_grace, source)),
         }
     }
 
@@ -300,6 +323,7 @@ impl Settings {
                 "STEM_LEASE" => out.lease = duration()?,
                 "STEM_POLL_INTERVAL" => out.poll_interval = duration()?,
                 "STEM_HEARTBEAT_INTERVAL" => out.heartbeat_interval = duration()?,
+                "STEM_UNKNOWN_TASK_GRACE" => out.unknown_task_grace = duration()?,
                 _ => out.worker_id = Some((raw.to_owned(), source)),
             }
         }
@@ -330,6 +354,7 @@ impl Settings {
             poll_interval: top.poll_interval.or(self.poll_interval),
             heartbeat_interval: top.heartbeat_interval.or(self.heartbeat_interval),
             worker_id: top.worker_id.or(self.worker_id),
+            unknown_task_grace: top.unknown_task_grace.or(self.unknown_task_grace),
         }
     }
 
@@ -406,6 +431,9 @@ impl Settings {
         }
         if let Some((id, _)) = &self.worker_id {
             config.worker_id.clone_from(id);
+        }
+        if let Some((d, _)) = self.unknown_task_grace {
+            config.unknown_task_grace = d;
         }
         if config.prefetch < config.concurrency {
             let src = self

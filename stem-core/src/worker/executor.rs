@@ -98,21 +98,7 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
         return;
     }
     let Some(entry) = rt.tasks.get(envelope.name.as_str()).copied() else {
-        let reason = format!(
-            "unknown task name `{}`: no handler is registered for it in worker {} (it knows: {}); deploy a worker that links the task, then replay the dead letter",
-            envelope.name, rt.config.worker_id, rt.known_names
-        );
-        tracing::error!(%reason, "dead-lettering task");
-        dead_letter_now(
-            rt,
-            ctx.take_receipt(),
-            ctx.envelope(),
-            started_at,
-            reason,
-            None,
-            FailureKind::Decode,
-            "stem::UnknownTask",
-        );
+        unknown_task(rt, &mut ctx, started_at);
         return;
     };
     if let Some(wait) = rt.rates.acquire(entry.name) {
@@ -202,6 +188,65 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
             );
         }
     }
+}
+
+/// How long an unknown task waits before it is offered again: long enough
+/// not to be re-fetched in a loop by this worker, short enough for a worker
+/// that knows it (another app on the namespace, the other build of a
+/// rolling deploy) to get it soon.
+const UNKNOWN_TASK_BACKOFF: Duration = Duration::from_secs(5);
+
+/// A task this worker has no handler for: handed back without charging an
+/// attempt while it is younger than the grace (another worker may know it),
+/// dead-lettered with the reason after.
+fn unknown_task(rt: &Runtime, ctx: &mut Context, now: DateTime<Utc>) {
+    let envelope = ctx.envelope();
+    let grace = rt.config.unknown_task_grace;
+    let age = (Utc::now() - envelope.enqueued_at)
+        .to_std()
+        .unwrap_or(Duration::ZERO);
+    if age < grace {
+        let first = rt
+            .unknown_warned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(envelope.name.clone());
+        if first {
+            tracing::warn!(
+                task = %envelope.name,
+                worker_id = %rt.config.worker_id,
+                known = %rt.known_names,
+                grace = %humantime::format_duration(grace),
+                "no handler for this task name here: handing it back for a worker that has one (another app on this namespace, or another build during a deploy); it is dead-lettered if none takes it within the grace (STEM_UNKNOWN_TASK_GRACE). Logged once per name"
+            );
+        }
+        let after = UNKNOWN_TASK_BACKOFF.min(grace - age);
+        rt.complete(Completion::settle(
+            ctx.take_receipt(),
+            Disposition::Release { after },
+            Count::Nothing,
+        ));
+        return;
+    }
+    let reason = format!(
+        "unknown task name `{}`: no worker with a handler for it took it within the grace of {} (this one, {}, knows: {}); deploy a worker that links the task, then replay the dead letter",
+        envelope.name,
+        humantime::format_duration(grace),
+        rt.config.worker_id,
+        rt.known_names
+    );
+    tracing::error!(%reason, "dead-lettering task");
+    let receipt = ctx.take_receipt();
+    dead_letter_now(
+        rt,
+        receipt,
+        ctx.envelope(),
+        now,
+        reason,
+        None,
+        FailureKind::Decode,
+        "stem::UnknownTask",
+    );
 }
 
 async fn run_with_lease(

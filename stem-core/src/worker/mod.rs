@@ -52,7 +52,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{PREFETCH_PER_SLOT, WorkerArgs, WorkerConfig, default_worker_id, host_name};
+pub use config::{
+    DEFAULT_UNKNOWN_TASK_GRACE, PREFETCH_PER_SLOT, WorkerArgs, WorkerConfig, default_worker_id,
+    host_name,
+};
 
 use crate::backend::ResultBackend;
 use crate::broker::Broker;
@@ -185,6 +188,8 @@ pub(crate) struct Runtime {
     pub(crate) tracker: TaskTracker,
     pub(crate) counters: Arc<Counters>,
     pub(crate) rates: rate::RateLimits,
+    /// Task names this worker does not know and has warned about once.
+    pub(crate) unknown_warned: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Builds a [`Worker`].
@@ -254,6 +259,14 @@ impl WorkerBuilder {
     #[must_use]
     pub fn shutdown_grace(mut self, grace: Duration) -> Self {
         self.settings.shutdown_grace = Some((grace, config::Source::Builder));
+        self
+    }
+
+    /// How long a task this worker does not know is handed back for other
+    /// workers before it is dead-lettered (`STEM_UNKNOWN_TASK_GRACE`).
+    #[must_use]
+    pub fn unknown_task_grace(mut self, grace: Duration) -> Self {
+        self.settings.unknown_task_grace = Some((grace, config::Source::Builder));
         self
     }
 
@@ -391,6 +404,7 @@ impl Worker {
             completions: tx,
             tracker: TaskTracker::new(),
             counters: Arc::new(Counters::default()),
+            unknown_warned: std::sync::Mutex::new(std::collections::HashSet::new()),
         });
         // The executor slots start now, so the fetcher's first claim is
         // not held up by starting them.
