@@ -12,6 +12,9 @@ mod ast;
 mod attr;
 mod check;
 mod expand;
+// Shared with stem-core, where these items are public API.
+#[allow(unreachable_pub)]
+mod rules;
 
 use proc_macro::TokenStream;
 
