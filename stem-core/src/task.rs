@@ -105,8 +105,15 @@ pub trait Task: Send + Sync + 'static {
     const OPTIONS: TaskOptions;
     /// The serialized parameters.
     type Args: Serialize + DeserializeOwned + Send + 'static;
+    /// The same parameters as a tuple, in the order the task function
+    /// declares them (`()` for none, `(A,)` for one): what the positional
+    /// [`TaskBuilder::enqueue`](crate::TaskBuilder) takes.
+    type Params;
     /// The output.
     type Output: Serialize + DeserializeOwned + Send + 'static;
+
+    /// Puts positional parameters into `Args`.
+    fn args(params: Self::Params) -> Self::Args;
 }
 
 #[cfg(test)]

@@ -13,6 +13,10 @@ pub const MAX_PRIORITY: u8 = 9;
 /// The longest queue name, in bytes.
 pub const MAX_QUEUE_NAME_LEN: usize = 128;
 
+/// The most arguments a task may take besides `Context` and `State<T>`:
+/// the positional `enqueue` and `signature` exist for up to this many.
+pub const MAX_TASK_ARGS: usize = 16;
+
 /// What a queue name may be, for error messages.
 pub const QUEUE_NAME_RULE: &str =
     "use 1 to 128 characters of letters, digits, `_`, `-`, `.` and `:`";
