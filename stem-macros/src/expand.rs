@@ -210,10 +210,13 @@ impl<'a> Gen<'a> {
             Output::Plain(t) | Output::Result { ok: t, .. } => quote_spanned!(t.span()=> Output),
         };
         let serde_path = LitStr::new(&format!("{p}::serde"), Span::call_site());
-        let serde_bound = LitStr::new(&quote!(#(#bounds,)*).to_string(), Span::call_site());
         let where_clause = where_clause(bounds);
         let idents: Vec<&Ident> = fields.iter().map(|f| &f.ident).collect();
         let types: Vec<&TokenStream> = fields.iter().map(|f| &f.ty).collect();
+        // serde takes its bounds as a string, which loses spans and cannot
+        // hold `$crate`: keep it to the fields' types, all its impls need.
+        let serde_bound = quote!(#(for<'__stem> #types: #p::TaskArg,)*).to_string();
+        let serde_bound = LitStr::new(&serde_bound, Span::call_site());
         let field_docs: Vec<String> = idents
             .iter()
             .map(|i| format!("The `{i}` argument."))
