@@ -12,10 +12,12 @@ pub use crate::context::{Context, State};
 pub use crate::error::StemError;
 pub use crate::handle::TaskHandle;
 pub use crate::registry::{
-    DecodeError, HandlerError, HandlerFuture, HandlerResult, StateRequirement, TaskEntry,
+    DecodeError, HandlerError, HandlerFn, HandlerFuture, HandlerResult, StateRequirement, TaskEntry,
 };
 pub use crate::retry::Backoff;
 pub use crate::task::{DeliveryMode, RateLimit, Task, TaskOptions};
+
+use std::marker::PhantomData;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -99,6 +101,9 @@ where
     note = "derive `serde::Serialize` and `serde::Deserialize` for it, and use owned types (`String`, not `&str`)"
 )]
 pub trait TaskArg: Serialize + DeserializeOwned + Send + 'static {}
+// `do_not_recommend`: a type missing several of the bounds gets one error
+// saying `TaskArg` is not implemented, not one per missing bound.
+#[diagnostic::do_not_recommend]
 impl<T: Serialize + DeserializeOwned + Send + 'static> TaskArg for T {}
 
 /// Implemented for every type a task may return.
@@ -108,6 +113,7 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> TaskArg for T {}
     note = "derive `serde::Serialize` and `serde::Deserialize` for it"
 )]
 pub trait TaskOutput: Serialize + DeserializeOwned + Send + 'static {}
+#[diagnostic::do_not_recommend]
 impl<T: Serialize + DeserializeOwned + Send + 'static> TaskOutput for T {}
 
 /// Implemented for every error type a task may return.
@@ -117,6 +123,7 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> TaskOutput for T {}
     note = "implement `std::fmt::Display` (e.g. with `thiserror`) so the message can be recorded"
 )]
 pub trait TaskErrorType: std::fmt::Display + Send + 'static {}
+#[diagnostic::do_not_recommend]
 impl<T: std::fmt::Display + Send + 'static> TaskErrorType for T {}
 
 /// Asserts `T: TaskArg` at the span of a parameter's type.
@@ -129,3 +136,47 @@ pub const fn assert_error<E: TaskErrorType>() {}
 pub const fn assert_state<T: Send + Sync + 'static>() {}
 /// Asserts that the task's future is `Send`.
 pub fn assert_send<F: std::future::Future + Send>(_: &F) {}
+
+/// The worker-side entry point of a generated task: decode, inject, run.
+///
+/// The generated impl carries the task's type requirements (`TaskArg` for
+/// each parameter, `TaskOutput`, ...) as where clauses, so a type that
+/// misses one is reported once, by the `assert_*` call on that type, and
+/// not again inside the handler.
+pub trait Handle {
+    /// Decodes the arguments and returns the task's future.
+    ///
+    /// # Errors
+    /// Arguments that do not decode as the task's `Args`.
+    fn handle(ctx: Context, raw: &RawValue) -> Result<HandlerFuture, DecodeError>;
+}
+
+/// `<HandlerOf<T>>::HANDLER` is `T::handle` when `T: Handle`. Otherwise the
+/// associated const of [`NoHandler`] is found instead, so the registration
+/// raises no error of its own: the failing `assert_*` already reported why
+/// `T: Handle` does not hold (its where clauses are exactly what the
+/// assertions check), and the crate does not compile.
+pub struct HandlerOf<T>(PhantomData<fn() -> T>);
+
+impl<T: Handle> HandlerOf<T> {
+    /// The task's handler.
+    pub const HANDLER: HandlerFn = T::handle;
+}
+
+/// The fallback of [`HandlerOf`], chosen only for a task whose types fail
+/// an assertion (a crate that does not compile).
+pub trait NoHandler {
+    /// A handler that decodes nothing.
+    const HANDLER: HandlerFn;
+}
+
+impl<T: 'static> NoHandler for HandlerOf<T> {
+    const HANDLER: HandlerFn = no_handler::<T>;
+}
+
+fn no_handler<T: 'static>(_: Context, _: &RawValue) -> Result<HandlerFuture, DecodeError> {
+    Err(DecodeError {
+        args_type: std::any::type_name::<T>(),
+        reason: "the task's parameter or output types do not meet its requirements".to_owned(),
+    })
+}

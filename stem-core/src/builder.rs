@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
@@ -43,15 +43,18 @@ pub struct EnqueueOptions {
 
 /// Builds one enqueue of task `T`: `my_task::with().delay(d).enqueue(args)`.
 ///
-/// The generated `with()` wraps this type; it is public so generic code can
-/// use it too.
-pub struct TaskBuilder<T: Task> {
+/// The generated `with()` returns this type (the generated module's
+/// `Builder` is an alias of `TaskBuilder<Task>`), so every option here is
+/// available on every task. `P` is always `T::Params`, the task's
+/// parameters as a tuple: it selects the positional `enqueue(a, b, ...)`
+/// and `signature(a, b, ...)` of the task's arity.
+pub struct TaskBuilder<T: Task, P = <T as Task>::Params> {
     options: EnqueueOptions,
     client: Option<Stem>,
-    _task: PhantomData<fn() -> T>,
+    _task: PhantomData<fn() -> (T, P)>,
 }
 
-impl<T: Task> std::fmt::Debug for TaskBuilder<T> {
+impl<T: Task, P> std::fmt::Debug for TaskBuilder<T, P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TaskBuilder")
             .field("task", &T::NAME)
@@ -84,10 +87,11 @@ impl<T: Task> TaskBuilder<T> {
         self
     }
 
-    /// Not before `eta`.
+    /// Not before `eta` (a `SystemTime`, or anything that converts into
+    /// one, such as `chrono::DateTime<Utc>`).
     #[must_use]
-    pub fn eta(mut self, eta: DateTime<Utc>) -> Self {
-        self.options.eta = Some(eta);
+    pub fn eta(mut self, eta: impl Into<SystemTime>) -> Self {
+        self.options.eta = Some(DateTime::<Utc>::from(eta.into()));
         self
     }
 
@@ -220,7 +224,7 @@ impl<T: Task> TaskBuilder<T> {
 
     /// An unsent call with these options, for canvas.
     #[must_use]
-    pub fn signature(self, args: T::Args) -> Signature<T::Output> {
+    pub fn signature_args(self, args: T::Args) -> Signature<T::Output> {
         let envelope = self.build(&args);
         Signature {
             envelope,
@@ -229,6 +233,70 @@ impl<T: Task> TaskBuilder<T> {
         }
     }
 }
+
+/// The positional `enqueue(a, b, ...)` and `signature(a, b, ...)` of a
+/// task taking `$A, $B, ...`: one impl per arity, told apart by `P`.
+macro_rules! positional {
+    ($($arg:ident: $Arg:ident),*) => {
+        impl<T, $($Arg),*> TaskBuilder<T, ($($Arg,)*)>
+        where
+            T: Task<Params = ($($Arg,)*)>,
+        {
+            /// Enqueues the task with these options; the arguments come in
+            /// the order the task function declares them.
+            ///
+            /// # Errors
+            /// Invalid options or arguments, no client, or a broker error.
+            #[allow(clippy::too_many_arguments)]
+            pub async fn enqueue(self, $($arg: $Arg),*) -> Result<TaskHandle<T::Output>, StemError> {
+                self.enqueue_args(T::args(($($arg,)*))).await
+            }
+
+            /// An unsent call with these options, for canvas.
+            #[must_use]
+            #[allow(clippy::too_many_arguments)]
+            pub fn signature(self, $($arg: $Arg),*) -> Signature<T::Output> {
+                self.signature_args(T::args(($($arg,)*)))
+            }
+        }
+    };
+}
+
+// Arities 0 to `rules::MAX_TASK_ARGS` (16); the macro rejects more.
+positional!();
+positional!(a0: A0);
+positional!(a0: A0, a1: A1);
+positional!(a0: A0, a1: A1, a2: A2);
+positional!(a0: A0, a1: A1, a2: A2, a3: A3);
+positional!(a0: A0, a1: A1, a2: A2, a3: A3, a4: A4);
+positional!(a0: A0, a1: A1, a2: A2, a3: A3, a4: A4, a5: A5);
+positional!(a0: A0, a1: A1, a2: A2, a3: A3, a4: A4, a5: A5, a6: A6);
+positional!(a0: A0, a1: A1, a2: A2, a3: A3, a4: A4, a5: A5, a6: A6, a7: A7);
+positional!(a0: A0, a1: A1, a2: A2, a3: A3, a4: A4, a5: A5, a6: A6, a7: A7, a8: A8);
+positional!(a0: A0, a1: A1, a2: A2, a3: A3, a4: A4, a5: A5, a6: A6, a7: A7, a8: A8, a9: A9);
+positional!(
+    a0: A0, a1: A1, a2: A2, a3: A3, a4: A4, a5: A5, a6: A6, a7: A7, a8: A8, a9: A9, a10: A10
+);
+positional!(
+    a0: A0, a1: A1, a2: A2, a3: A3, a4: A4, a5: A5, a6: A6, a7: A7, a8: A8, a9: A9, a10: A10,
+    a11: A11
+);
+positional!(
+    a0: A0, a1: A1, a2: A2, a3: A3, a4: A4, a5: A5, a6: A6, a7: A7, a8: A8, a9: A9, a10: A10,
+    a11: A11, a12: A12
+);
+positional!(
+    a0: A0, a1: A1, a2: A2, a3: A3, a4: A4, a5: A5, a6: A6, a7: A7, a8: A8, a9: A9, a10: A10,
+    a11: A11, a12: A12, a13: A13
+);
+positional!(
+    a0: A0, a1: A1, a2: A2, a3: A3, a4: A4, a5: A5, a6: A6, a7: A7, a8: A8, a9: A9, a10: A10,
+    a11: A11, a12: A12, a13: A13, a14: A14
+);
+positional!(
+    a0: A0, a1: A1, a2: A2, a3: A3, a4: A4, a5: A5, a6: A6, a7: A7, a8: A8, a9: A9, a10: A10,
+    a11: A11, a12: A12, a13: A13, a14: A14, a15: A15
+);
 
 /// Applies declared and per-call options to build an envelope.
 ///
@@ -333,5 +401,94 @@ impl<O> Signature<O> {
         };
         let published = client.publish(envelope).await?;
         Ok(TaskHandle::new(published.id(), client))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Task, TaskBuilder};
+    use crate::error::{EnvelopeError, StemError};
+    use crate::task::TaskOptions;
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct PairArgs {
+        name: String,
+        count: u32,
+    }
+
+    struct Pair;
+
+    impl Task for Pair {
+        const NAME: &'static str = "tests::pair";
+        const OPTIONS: TaskOptions = TaskOptions {
+            queue: "pairs",
+            ..TaskOptions::DEFAULT
+        };
+        type Args = PairArgs;
+        type Params = (String, u32);
+        type Output = ();
+
+        fn args((name, count): Self::Params) -> Self::Args {
+            PairArgs { name, count }
+        }
+    }
+
+    fn args() -> PairArgs {
+        Pair::args(("x".to_owned(), 2))
+    }
+
+    #[test]
+    fn declared_and_per_call_options_reach_the_envelope() {
+        let env = TaskBuilder::<Pair>::new().build(&args()).unwrap();
+        assert_eq!((env.queue.as_str(), env.priority), ("pairs", 0));
+        assert_eq!(env.args.get(), r#"{"name":"x","count":2}"#);
+        let env = TaskBuilder::<Pair>::new()
+            .queue("other")
+            .priority(9)
+            .build(&args())
+            .unwrap();
+        assert_eq!((env.queue.as_str(), env.priority), ("other", 9));
+    }
+
+    #[test]
+    fn a_bad_queue_at_run_time_is_a_typed_error() {
+        let err = TaskBuilder::<Pair>::new()
+            .queue("bad name")
+            .build(&args())
+            .unwrap_err();
+        assert!(
+            matches!(&err, StemError::Envelope(EnvelopeError::BadQueue { queue }) if queue == "bad name"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_bad_priority_at_run_time_is_a_typed_error() {
+        let err = TaskBuilder::<Pair>::new()
+            .priority(12)
+            .build(&args())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StemError::Envelope(EnvelopeError::Priority { priority: 12 })
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn the_positional_signature_builds_the_same_args() {
+        let sig = TaskBuilder::<Pair>::new().signature("x".to_owned(), 2);
+        let env = sig.into_envelope().unwrap();
+        assert_eq!(env.name, "tests::pair");
+        assert_eq!(env.args.get(), r#"{"name":"x","count":2}"#);
+        let bad = TaskBuilder::<Pair>::new()
+            .queue("")
+            .signature("x".to_owned(), 2);
+        assert!(matches!(
+            bad.envelope(),
+            Err(StemError::Envelope(EnvelopeError::BadQueue { .. }))
+        ));
     }
 }

@@ -8,6 +8,11 @@ use serde::de::DeserializeOwned;
 
 use crate::retry::Backoff;
 
+/// The rules of task options (queue names, priorities, rate limits), the
+/// same file `#[stem::task]` checks them with at compile time.
+#[path = "../../stem-macros/src/rules.rs"]
+pub mod rules;
+
 /// Whether a task is acked before or after it runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DeliveryMode {
@@ -28,7 +33,8 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
-    /// Parses `"100/s"`, `"10/m"`, `"5/h"`, `"20/30s"`.
+    /// Parses `"100/s"`, `"10/m"`, `"5/h"`, `"20/30s"` (the rule
+    /// `#[stem::task(rate_limit = ...)]` checks at compile time).
     ///
     /// ```
     /// let r = stem_core::RateLimit::parse("100/s").unwrap();
@@ -39,28 +45,9 @@ impl RateLimit {
     /// # Errors
     /// A message saying the expected form.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let err = || {
-            format!(
-                "invalid rate limit `{s}`: expected COUNT/UNIT such as \"100/s\", \"10/m\" or \"20/30s\""
-            )
-        };
-        let (count, per) = s.split_once('/').ok_or_else(err)?;
-        let count: u32 = count.trim().parse().map_err(|_| err())?;
-        if count == 0 {
-            return Err(format!(
-                "invalid rate limit `{s}`: the count must be at least 1"
-            ));
-        }
-        let per = match per.trim() {
-            "s" => Duration::from_secs(1),
-            "m" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
-            other => crate::duration::parse_duration(other).map_err(|_| err())?,
-        };
-        if per.is_zero() {
-            return Err(err());
-        }
-        Ok(Self { count, per })
+        rules::parse_rate_limit(s)
+            .map(|(count, per)| Self { count, per })
+            .map_err(|e| e.message(s))
     }
 }
 
@@ -118,6 +105,64 @@ pub trait Task: Send + Sync + 'static {
     const OPTIONS: TaskOptions;
     /// The serialized parameters.
     type Args: Serialize + DeserializeOwned + Send + 'static;
+    /// The same parameters as a tuple, in the order the task function
+    /// declares them (`()` for none, `(A,)` for one): what the positional
+    /// [`TaskBuilder::enqueue`](crate::TaskBuilder) takes.
+    type Params;
     /// The output.
     type Output: Serialize + DeserializeOwned + Send + 'static;
+
+    /// Puts positional parameters into `Args`.
+    fn args(params: Self::Params) -> Self::Args;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{RateLimit, rules};
+    use crate::envelope::{MAX_PRIORITY, validate_queue_name};
+
+    /// `envelope.rs` still spells the queue and priority rules itself: it
+    /// must agree with the shared rules until it calls them.
+    #[test]
+    fn envelope_agrees_with_the_shared_rules() {
+        assert_eq!(MAX_PRIORITY, rules::MAX_PRIORITY);
+        let long = "q".repeat(rules::MAX_QUEUE_NAME_LEN);
+        let too_long = "q".repeat(rules::MAX_QUEUE_NAME_LEN + 1);
+        for queue in [
+            "default",
+            "emails.high",
+            "a:b-c_d",
+            "",
+            " ",
+            "bad queue",
+            "caf\u{e9}",
+            "x/y",
+            &long,
+            &too_long,
+        ] {
+            assert_eq!(
+                rules::is_valid_queue_name(queue),
+                validate_queue_name(queue).is_ok(),
+                "{queue:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rate_limits() {
+        assert_eq!(
+            RateLimit::parse("20/30s"),
+            Ok(RateLimit {
+                count: 20,
+                per: std::time::Duration::from_secs(30)
+            })
+        );
+        assert_eq!(RateLimit::parse("5/h").map(|r| r.per.as_secs()), Ok(3600));
+        let zero = RateLimit::parse("0/s").unwrap_err();
+        assert!(zero.contains("at least 1"), "{zero}");
+        for bad in ["fast", "10", "x/s", "10/0s", "10/fortnight"] {
+            let e = RateLimit::parse(bad).unwrap_err();
+            assert!(e.contains("COUNT/UNIT"), "{bad}: {e}");
+        }
+    }
 }

@@ -12,6 +12,7 @@ use syn::spanned::Spanned as _;
 use syn::{Expr, Ident, Lit, LitStr, Token};
 
 use crate::check::Errors;
+use crate::rules;
 
 /// The attribute keys, as written by the user.
 pub(crate) mod key {
@@ -394,18 +395,12 @@ fn word<T: Copy>(key: &str, expr: &Expr, choices: &[(&str, T)], errors: &mut Err
 fn queue(expr: &Expr, errors: &mut Errors) -> Option<String> {
     let lit = string(key::QUEUE, expr, errors)?;
     let q = lit.value();
-    let ok = !q.is_empty()
-        && q.len() <= 128
-        && q.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
-    if ok {
+    if rules::is_valid_queue_name(&q) {
         Some(q)
     } else {
         errors.push(
             lit.span(),
-            format!(
-                "invalid queue name {q:?}: use 1 to 128 characters of letters, digits, `_`, `-`, `.` and `:`"
-            ),
+            format!("invalid queue name {q:?}: {}", rules::QUEUE_NAME_RULE),
         );
         None
     }
@@ -414,11 +409,11 @@ fn queue(expr: &Expr, errors: &mut Errors) -> Option<String> {
 fn priority(expr: &Expr, errors: &mut Errors) -> Option<u8> {
     let (v, span) = int(key::PRIORITY, expr, errors)?;
     match u8::try_from(v) {
-        Ok(p) if p <= 9 => Some(p),
+        Ok(p) if rules::is_valid_priority(v) => Some(p),
         _ => {
             errors.push(
                 span,
-                format!("`priority` must be in 0..=9 (higher runs first), found {v}"),
+                format!("`priority` must be in {}, found {v}", rules::PRIORITY_RULE),
             );
             None
         }
@@ -466,34 +461,7 @@ fn duration(key: &str, expr: &Expr, non_zero: bool, errors: &mut Errors) -> Opti
 fn rate_limit(expr: &Expr, errors: &mut Errors) -> Option<(u32, Duration)> {
     let lit = string(key::RATE_LIMIT, expr, errors)?;
     let s = lit.value();
-    let parsed = (|| {
-        let (count, per) = s.split_once('/')?;
-        let count: u32 = count.trim().parse().ok()?;
-        let per = match per.trim() {
-            "s" => Duration::from_secs(1),
-            "m" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
-            other => humantime::parse_duration(other).ok()?,
-        };
-        Some((count, per))
-    })();
-    match parsed {
-        Some((count, per)) if count > 0 && !per.is_zero() => Some((count, per)),
-        Some((0, _)) => {
-            errors.push(
-                lit.span(),
-                format!("invalid rate limit {s:?}: the count must be at least 1"),
-            );
-            None
-        }
-        _ => {
-            errors.push(
-                lit.span(),
-                format!(
-                    "invalid rate limit {s:?}: expected COUNT/UNIT such as \"100/s\", \"10/m\", \"5/h\" or \"20/30s\""
-                ),
-            );
-            None
-        }
-    }
+    rules::parse_rate_limit(&s)
+        .map_err(|e| errors.push(lit.span(), e.message(&s)))
+        .ok()
 }

@@ -8,6 +8,7 @@ use syn::{FnArg, Type};
 
 use crate::ast::{self, Output, ParamKind, TaskFn};
 use crate::attr::{BackoffKind, Options};
+use crate::rules;
 
 /// Every error found so far.
 #[derive(Default)]
@@ -128,6 +129,16 @@ pub(crate) fn check(func: &TaskFn, options: &Options, errors: &mut Errors) -> Pl
         }
         bad_type.push(!ok);
         typed_index += 1;
+    }
+
+    if let Some(extra) = func.payload().nth(rules::MAX_TASK_ARGS) {
+        errors.push_spanned(
+            &extra.pat,
+            format!(
+                "a task takes at most {} arguments besides `Context` and `State`: group some of them in a struct",
+                rules::MAX_TASK_ARGS
+            ),
+        );
     }
 
     let bad_output = match &func.output {

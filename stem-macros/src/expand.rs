@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use proc_macro2::{Span, TokenStream};
-use quote::{format_ident, quote, quote_spanned};
+use quote::{ToTokens as _, format_ident, quote, quote_spanned};
 use syn::spanned::Spanned as _;
 use syn::{Ident, LitStr, Visibility};
 
@@ -152,8 +152,126 @@ impl<'a> Gen<'a> {
         }
     }
 
+    /// The type requirements of the task as where-clause predicates, each
+    /// behind a `for<'__stem>` so that a requirement a type misses is not
+    /// an error where it is declared (a trivially false bound), only where
+    /// it is asserted: the `assert_*` call on the type, once. Every item that
+    /// needs the types to be serde, `Display`, ... carries these bounds.
+    ///
+    /// `usable` tells which parameters can be named (the stub skips the
+    /// rejected ones; their field is `()`), and whether the output can.
+    fn bounds(&self, usable: &dyn Fn(usize) -> bool, output_ok: bool) -> Vec<TokenStream> {
+        let p = &self.private;
+        let mut bounds = Vec::new();
+        for (i, param) in self.func.params.iter().enumerate() {
+            if !usable(i) {
+                continue;
+            }
+            match &param.kind {
+                ParamKind::Payload => {
+                    let ty = &param.ty;
+                    bounds.push(quote!(for<'__stem> #ty: #p::TaskArg));
+                }
+                ParamKind::State(t) => bounds.push(quote! {
+                    for<'__stem> #t: ::core::marker::Send + ::core::marker::Sync + 'static
+                }),
+                ParamKind::Context => {}
+            }
+        }
+        if output_ok {
+            match &self.func.output {
+                Output::Unit => {}
+                Output::Plain(t) => bounds.push(quote!(for<'__stem> #t: #p::TaskOutput)),
+                Output::Result { ok, err } => {
+                    bounds.push(quote!(for<'__stem> #ok: #p::TaskOutput));
+                    bounds.push(quote!(for<'__stem> #err: #p::TaskErrorType));
+                }
+            }
+        }
+        bounds
+    }
+
+    /// The items the module and its stub share: `NAME`, `OPTIONS`, `Args`,
+    /// `Output`, `Task` and its `Task` impl, `Builder` and `with()`. The
+    /// builder is the core `TaskBuilder`, so its options exist once.
+    fn shared_items(
+        &self,
+        fields: &[Field],
+        output: &TokenStream,
+        bounds: &[TokenStream],
+    ) -> TokenStream {
+        let p = &self.private;
+        let iv = &self.inner_vis;
+        let name_expr = self.name_expr();
+        let options_expr = self.options_expr();
+        // Spanned on the user's type, so a bound error points at it.
+        let output_in_impl = match &self.func.output {
+            Output::Unit => quote!(Output),
+            Output::Plain(t) | Output::Result { ok: t, .. } => quote_spanned!(t.span()=> Output),
+        };
+        let serde_path = LitStr::new(&format!("{p}::serde"), Span::call_site());
+        let where_clause = where_clause(bounds);
+        let idents: Vec<&Ident> = fields.iter().map(|f| &f.ident).collect();
+        let types: Vec<&TokenStream> = fields.iter().map(|f| &f.ty).collect();
+        // serde takes its bounds as a string, which loses spans and cannot
+        // hold `$crate`: keep it to the fields' types, all its impls need.
+        let serde_bound = quote!(#(for<'__stem> #types: #p::TaskArg,)*).to_string();
+        let serde_bound = LitStr::new(&serde_bound, Span::call_site());
+        let field_docs: Vec<String> = idents
+            .iter()
+            .map(|i| format!("The `{i}` argument."))
+            .collect();
+        quote! {
+            /// The name the task is registered and enqueued under.
+            #iv const NAME: &str = #name_expr;
+
+            /// The options declared on `#[stem::task(...)]`.
+            #iv const OPTIONS: #p::TaskOptions = #options_expr;
+
+            /// The task's arguments, as serialized into the envelope (a JSON
+            /// object with one field per parameter).
+            #[derive(#p::serde::Serialize, #p::serde::Deserialize)]
+            #[serde(crate = #serde_path, bound = #serde_bound)]
+            #iv struct Args {
+                #(
+                    #[doc = #field_docs]
+                    #iv #idents: #types,
+                )*
+            }
+
+            /// What the task returns on success.
+            #iv type Output = #output;
+
+            /// The task as a type, for generic code (`TaskBuilder<Task>`).
+            #[derive(Clone, Copy, Debug, Default)]
+            #iv struct Task;
+
+            #[automatically_derived]
+            impl #p::Task for Task #where_clause {
+                const NAME: &'static str = NAME;
+                const OPTIONS: #p::TaskOptions = OPTIONS;
+                type Args = Args;
+                type Params = (#(#types,)*);
+                type Output = #output_in_impl;
+
+                fn args((#(#idents,)*): Self::Params) -> Args {
+                    Args { #(#idents),* }
+                }
+            }
+
+            /// Per-call enqueue options (`with().delay(d).enqueue(...)`): the
+            /// core `TaskBuilder` of this task, with every option it has.
+            #iv type Builder = #p::TaskBuilder<Task>;
+
+            /// Enqueue options for one call: `with().delay(d).enqueue(...)`.
+            #[must_use]
+            #iv fn with() -> Builder #where_clause {
+                #p::TaskBuilder::new()
+            }
+        }
+    }
+
     /// The real module.
-    #[allow(clippy::too_many_lines)]
     fn module(&self) -> TokenStream {
         let p = &self.private;
         let vis = self.vis;
@@ -161,29 +279,27 @@ impl<'a> Gen<'a> {
         let fn_name = self.func.ident();
         let cfgs = self.cfgs();
         let docs = self.module_docs();
-        let name_expr = self.name_expr();
-        let options_expr = self.options_expr();
         let output = self.func.output.value_type();
-        // Spanned on the user's type, so a bound error points at it.
-        let output_in_impl = match &self.func.output {
-            Output::Unit => quote!(Output),
-            Output::Plain(t) | Output::Result { ok: t, .. } => quote_spanned!(t.span()=> Output),
-        };
-        let serde_path = LitStr::new(&format!("{p}::serde"), Span::call_site());
 
         let payload: Vec<&Param> = self.func.payload().collect();
         let idents: Vec<&Ident> = payload.iter().filter_map(|p| p.ident.as_ref()).collect();
-        let types: Vec<&syn::Type> = payload.iter().map(|p| &p.ty).collect();
-        let field_docs: Vec<String> = idents
+        let fields: Vec<Field> = payload
             .iter()
-            .map(|i| format!("The `{i}` argument."))
+            .filter_map(|param| {
+                Some(Field {
+                    ident: param.ident.clone()?,
+                    ty: param.ty.to_token_stream(),
+                })
+            })
             .collect();
+        let types: Vec<&syn::Type> = payload.iter().map(|p| &p.ty).collect();
         let params = quote!(#(#idents: #types),*);
-        let args_value = quote!(Args { #(#idents),* });
+        let bounds = self.bounds(&|_| true, true);
+        let where_clause = where_clause(&bounds);
 
+        let shared = self.shared_items(&fields, &output, &bounds);
         let assertions = self.assertions();
-        let builder = self.builder(&params, &args_value);
-        let handler = self.handler(&idents);
+        let handler = self.handler(&idents, &where_clause);
         let states = self
             .func
             .params
@@ -209,45 +325,15 @@ impl<'a> Gen<'a> {
 
                 #assertions
 
-                /// The name the task is registered and enqueued under.
-                #iv const NAME: &str = #name_expr;
-
-                /// The options declared on `#[stem::task(...)]`.
-                #iv const OPTIONS: #p::TaskOptions = #options_expr;
-
-                /// The task's arguments, as serialized into the envelope (a JSON
-                /// object with one field per parameter).
-                #[derive(#p::serde::Serialize, #p::serde::Deserialize)]
-                #[serde(crate = #serde_path)]
-                #iv struct Args {
-                    #(
-                        #[doc = #field_docs]
-                        #iv #idents: #types,
-                    )*
-                }
-
-                /// What the task returns on success.
-                #iv type Output = #output;
-
-                /// The task as a type, for generic code (`TaskBuilder<Task>`).
-                #[derive(Clone, Copy, Debug, Default)]
-                #iv struct Task;
-
-                #[automatically_derived]
-                impl #p::Task for Task {
-                    const NAME: &'static str = NAME;
-                    const OPTIONS: #p::TaskOptions = OPTIONS;
-                    type Args = Args;
-                    type Output = #output_in_impl;
-                }
+                #shared
 
                 /// Enqueues the task on the default client.
                 ///
                 /// # Errors
                 /// No default client, invalid arguments, or a broker error.
                 #[allow(clippy::too_many_arguments)]
-                #iv async fn enqueue(#params) -> ::core::result::Result<#p::TaskHandle<Output>, #p::StemError> {
-                    #p::TaskBuilder::<Task>::new().enqueue_args(#args_value).await
+                #iv async fn enqueue(#params) -> ::core::result::Result<#p::TaskHandle<Output>, #p::StemError> #where_clause {
+                    with().enqueue(#(#idents),*).await
                 }
 
                 /// Enqueues the task on `client`.
@@ -255,14 +341,8 @@ impl<'a> Gen<'a> {
                 /// # Errors
                 /// Invalid arguments or a broker error.
                 #[allow(clippy::too_many_arguments)]
-                #iv async fn enqueue_on(__stem_client: &#p::Stem, #params) -> ::core::result::Result<#p::TaskHandle<Output>, #p::StemError> {
-                    #p::TaskBuilder::<Task>::new().on(__stem_client).enqueue_args(#args_value).await
-                }
-
-                /// Enqueue options for one call: `with().delay(d).enqueue(...)`.
-                #[must_use]
-                #iv fn with() -> Builder {
-                    Builder(#p::TaskBuilder::new())
+                #iv async fn enqueue_on(__stem_client: &#p::Stem, #params) -> ::core::result::Result<#p::TaskHandle<Output>, #p::StemError> #where_clause {
+                    with().on(__stem_client).enqueue(#(#idents),*).await
                 }
 
                 /// Enqueues many calls in one broker round trip; the handles come
@@ -272,18 +352,16 @@ impl<'a> Gen<'a> {
                 /// No default client, invalid arguments, or a broker error.
                 #iv async fn enqueue_many(
                     args: impl ::core::iter::IntoIterator<Item = Args>,
-                ) -> ::core::result::Result<::std::vec::Vec<#p::TaskHandle<Output>>, #p::StemError> {
-                    #p::TaskBuilder::<Task>::new().enqueue_many(args).await
+                ) -> ::core::result::Result<::std::vec::Vec<#p::TaskHandle<Output>>, #p::StemError> #where_clause {
+                    with().enqueue_many(args).await
                 }
 
                 /// An unsent call, for groups, chains and chords.
                 #[must_use]
                 #[allow(clippy::too_many_arguments)]
-                #iv fn signature(#params) -> #p::Signature<Output> {
-                    #p::TaskBuilder::<Task>::new().signature(#args_value)
+                #iv fn signature(#params) -> #p::Signature<Output> #where_clause {
+                    with().signature(#(#idents),*)
                 }
-
-                #builder
 
                 #handler
 
@@ -295,7 +373,11 @@ impl<'a> Gen<'a> {
                         line: #line,
                         options: OPTIONS,
                         states: &[#(#states),*],
-                        handler: __stem_handler,
+                        handler: {
+                            #[allow(unused_imports)]
+                            use #p::NoHandler as _;
+                            <#p::HandlerOf<Task>>::HANDLER
+                        },
                     }
                 }
             }
@@ -303,7 +385,8 @@ impl<'a> Gen<'a> {
     }
 
     /// Type assertions, each spanned on the user's type so rustc's error
-    /// points at it.
+    /// points at it. The only place a missing requirement is reported: the
+    /// items that rely on it carry it as a where clause ([`Gen::bounds`]).
     fn assertions(&self) -> TokenStream {
         let p = &self.private;
         let mut checks = Vec::new();
@@ -334,116 +417,8 @@ impl<'a> Gen<'a> {
         }
     }
 
-    fn builder(&self, params: &TokenStream, args_value: &TokenStream) -> TokenStream {
-        let p = &self.private;
-        let iv = &self.inner_vis;
-        let duration = quote!(::core::time::Duration);
-        let string = quote!(::core::convert::Into<::std::string::String>);
-        quote! {
-            /// Per-call enqueue options; finish with [`Builder::enqueue`].
-            #[derive(Debug)]
-            #[must_use]
-            #iv struct Builder(#p::TaskBuilder<Task>);
-
-            impl Builder {
-                /// Runs no earlier than now + `delay`.
-                #iv fn delay(self, delay: #duration) -> Self {
-                    Self(self.0.delay(delay))
-                }
-
-                /// Runs no earlier than `eta` (a `SystemTime`, or anything that
-                /// converts into one, such as `chrono::DateTime<Utc>`).
-                #iv fn eta(self, eta: impl ::core::convert::Into<::std::time::SystemTime>) -> Self {
-                    let __stem_eta: ::std::time::SystemTime = eta.into();
-                    Self(self.0.eta(::core::convert::From::from(__stem_eta)))
-                }
-
-                /// Dropped, not run, after now + `ttl`.
-                #iv fn expires_in(self, ttl: #duration) -> Self {
-                    Self(self.0.expires_in(ttl))
-                }
-
-                /// Priority 0..=9, higher first (checked at enqueue).
-                #iv fn priority(self, priority: u8) -> Self {
-                    Self(self.0.priority(priority))
-                }
-
-                /// Another queue (checked at enqueue).
-                #iv fn queue(self, queue: impl #string) -> Self {
-                    Self(self.0.queue(queue))
-                }
-
-                /// Retries after the first attempt.
-                #iv fn retries(self, retries: u32) -> Self {
-                    Self(self.0.retries(retries))
-                }
-
-                /// At most one live task with these arguments within `window`.
-                #iv fn unique_for(self, window: #duration) -> Self {
-                    Self(self.0.unique_for(window))
-                }
-
-                /// With `unique_for`: frees the key as soon as the task finishes.
-                #iv fn unique_until_finished(self) -> Self {
-                    Self(self.0.unique_until_finished())
-                }
-
-                /// Adds a header.
-                #iv fn header(self, key: impl #string, value: impl #string) -> Self {
-                    Self(self.0.header(key, value))
-                }
-
-                /// Marks the task as a child of the running task.
-                #iv fn parent(self, ctx: &#p::Context) -> Self {
-                    Self(self.0.parent(ctx))
-                }
-
-                /// Keeps the result for `ttl`.
-                #iv fn result_ttl(self, ttl: #duration) -> Self {
-                    Self(self.0.result_ttl(ttl))
-                }
-
-                /// Uses `client` instead of the default one.
-                #iv fn on(self, client: &#p::Stem) -> Self {
-                    Self(self.0.on(client))
-                }
-
-                /// The underlying `TaskBuilder`.
-                #iv fn into_inner(self) -> #p::TaskBuilder<Task> {
-                    self.0
-                }
-
-                /// Enqueues the task with these options.
-                ///
-                /// # Errors
-                /// Invalid options or arguments, no client, or a broker error.
-                #[allow(clippy::too_many_arguments)]
-                #iv async fn enqueue(self, #params) -> ::core::result::Result<#p::TaskHandle<Output>, #p::StemError> {
-                    self.0.enqueue_args(#args_value).await
-                }
-
-                /// Enqueues many calls with these options in one broker round trip.
-                ///
-                /// # Errors
-                /// Invalid options or arguments, no client, or a broker error.
-                #iv async fn enqueue_many(
-                    self,
-                    args: impl ::core::iter::IntoIterator<Item = Args>,
-                ) -> ::core::result::Result<::std::vec::Vec<#p::TaskHandle<Output>>, #p::StemError> {
-                    self.0.enqueue_many(args).await
-                }
-
-                /// An unsent call with these options.
-                #[allow(clippy::too_many_arguments)]
-                #iv fn signature(self, #params) -> #p::Signature<Output> {
-                    self.0.signature(#args_value)
-                }
-            }
-        }
-    }
-
-    /// `fn __stem_handler(ctx, raw)`: decode, inject, run, encode.
-    fn handler(&self, idents: &[&Ident]) -> TokenStream {
+    /// `impl Handle for Task`: decode, inject, run, encode.
+    fn handler(&self, idents: &[&Ident], where_clause: &TokenStream) -> TokenStream {
         let p = &self.private;
         let fn_name = self.func.ident();
         let mut fetch_states = Vec::new();
@@ -510,21 +485,27 @@ impl<'a> Gen<'a> {
             quote!(::std::boxed::Box::pin(#body))
         };
         quote! {
-            #[allow(clippy::used_underscore_binding, clippy::needless_pass_by_value)]
-            fn __stem_handler(
-                __stem_ctx: #p::Context,
-                __stem_raw: &#p::RawValue,
-            ) -> ::core::result::Result<#p::HandlerFuture, #p::DecodeError> {
-                #p::link_adapters();
-                let Args { #(#idents),* } = #p::decode_args::<Args>(__stem_raw)?;
-                ::core::result::Result::Ok(#boxed)
+            #[automatically_derived]
+            impl #p::Handle for Task #where_clause {
+                #[allow(clippy::used_underscore_binding, clippy::needless_pass_by_value)]
+                fn handle(
+                    __stem_ctx: #p::Context,
+                    __stem_raw: &#p::RawValue,
+                ) -> ::core::result::Result<#p::HandlerFuture, #p::DecodeError> {
+                    #p::link_adapters();
+                    let Args { #(#idents),* } = #p::decode_args::<Args>(__stem_raw)?;
+                    ::core::result::Result::Ok(#boxed)
+                }
             }
         }
     }
 
     /// The module when the signature is unusable: the same items and
-    /// signatures, no registration, bodies that never run (the crate does
-    /// not compile: the errors are emitted next to it).
+    /// signatures (the shared ones, builder included, are the real
+    /// module's), no registration, free functions whose bodies never run
+    /// (the crate does not compile: the errors are emitted next to it). A
+    /// rejected parameter type becomes `()` in `Args` and `impl Sized` in
+    /// the free functions, so call sites stay quiet.
     fn stub(&self, plan: &Plan) -> TokenStream {
         let p = &self.private;
         let vis = self.vis;
@@ -532,33 +513,39 @@ impl<'a> Gen<'a> {
         let fn_name = self.func.ident();
         let cfgs = self.cfgs();
         let docs = self.module_docs();
-        let name_expr = self.name_expr();
-        let options_expr = self.options_expr();
         let output = if plan.bad_output {
             quote!(())
         } else {
             self.func.output.value_type()
         };
+        let bad = |i: usize| plan.bad_type.get(i).copied().unwrap_or(true);
         let mut fields = Vec::new();
         let mut params = Vec::new();
         for (i, param) in self.func.params.iter().enumerate() {
             if !matches!(param.kind, ParamKind::Payload) {
                 continue;
             }
-            let bad = plan.bad_type.get(i).copied().unwrap_or(true);
             let ident = param
                 .ident
                 .clone()
                 .unwrap_or_else(|| format_ident!("__stem_arg{}", i));
             let ty = &param.ty;
-            if bad {
-                fields.push(quote!(#iv #ident: ()));
+            if bad(i) {
+                fields.push(Field {
+                    ident,
+                    ty: quote!(()),
+                });
                 params.push(quote!(_: impl ::core::marker::Sized));
             } else {
-                fields.push(quote!(#iv #ident: #ty));
+                fields.push(Field {
+                    ident,
+                    ty: quote!(#ty),
+                });
                 params.push(quote!(_: #ty));
             }
         }
+        let bounds = self.bounds(&|i| !bad(i), !plan.bad_output);
+        let shared = self.shared_items(&fields, &output, &bounds);
         let unreachable = quote!(::core::unreachable!("#[stem::task] reported an error"));
         quote! {
             #(#cfgs)*
@@ -567,62 +554,33 @@ impl<'a> Gen<'a> {
             #vis mod #fn_name {
                 use super::*;
 
-                /// The name the task is registered and enqueued under.
-                #iv const NAME: &str = #name_expr;
-                /// The options declared on `#[stem::task(...)]`.
-                #iv const OPTIONS: #p::TaskOptions = #options_expr;
-                /// The task's arguments.
-                #iv struct Args { #(#fields),* }
-                /// What the task returns on success.
-                #iv type Output = #output;
-                /// The task as a type.
-                #iv struct Task;
+                #shared
+
                 /// Enqueues the task on the default client.
                 #iv async fn enqueue(#(#params),*) -> ::core::result::Result<#p::TaskHandle<Output>, #p::StemError> { #unreachable }
                 /// Enqueues the task on `client`.
                 #iv async fn enqueue_on(_: &#p::Stem, #(#params),*) -> ::core::result::Result<#p::TaskHandle<Output>, #p::StemError> { #unreachable }
-                /// Enqueue options for one call.
-                #iv fn with() -> Builder { Builder }
                 /// Enqueues many calls.
                 #iv async fn enqueue_many(_: impl ::core::iter::IntoIterator) -> ::core::result::Result<::std::vec::Vec<#p::TaskHandle<Output>>, #p::StemError> { #unreachable }
                 /// An unsent call.
                 #iv fn signature(#(#params),*) -> #p::Signature<Output> { #unreachable }
-                /// Per-call enqueue options.
-                #iv struct Builder;
-                impl Builder {
-                    /// Delay.
-                    #iv fn delay(self, _: ::core::time::Duration) -> Self { self }
-                    /// Earliest start.
-                    #iv fn eta(self, _: impl ::core::marker::Sized) -> Self { self }
-                    /// Expiry.
-                    #iv fn expires_in(self, _: ::core::time::Duration) -> Self { self }
-                    /// Priority.
-                    #iv fn priority(self, _: u8) -> Self { self }
-                    /// Queue.
-                    #iv fn queue(self, _: impl ::core::marker::Sized) -> Self { self }
-                    /// Retries.
-                    #iv fn retries(self, _: u32) -> Self { self }
-                    /// Uniqueness.
-                    #iv fn unique_for(self, _: ::core::time::Duration) -> Self { self }
-                    /// Uniqueness release.
-                    #iv fn unique_until_finished(self) -> Self { self }
-                    /// Header.
-                    #iv fn header(self, _: impl ::core::marker::Sized, _: impl ::core::marker::Sized) -> Self { self }
-                    /// Parent.
-                    #iv fn parent(self, _: &#p::Context) -> Self { self }
-                    /// Result TTL.
-                    #iv fn result_ttl(self, _: ::core::time::Duration) -> Self { self }
-                    /// Client.
-                    #iv fn on(self, _: &#p::Stem) -> Self { self }
-                    /// Enqueues.
-                    #iv async fn enqueue(self, #(#params),*) -> ::core::result::Result<#p::TaskHandle<Output>, #p::StemError> { #unreachable }
-                    /// Enqueues many.
-                    #iv async fn enqueue_many(self, _: impl ::core::iter::IntoIterator) -> ::core::result::Result<::std::vec::Vec<#p::TaskHandle<Output>>, #p::StemError> { #unreachable }
-                    /// An unsent call.
-                    #iv fn signature(self, #(#params),*) -> #p::Signature<Output> { #unreachable }
-                }
             }
         }
+    }
+}
+
+/// A field of `Args`: its name and (possibly replaced) type.
+struct Field {
+    ident: Ident,
+    ty: TokenStream,
+}
+
+/// `where a, b,` or nothing.
+fn where_clause(bounds: &[TokenStream]) -> TokenStream {
+    if bounds.is_empty() {
+        TokenStream::new()
+    } else {
+        quote!(where #(#bounds,)*)
     }
 }
 

@@ -1,26 +1,25 @@
-//! The `#[stem::task]` attribute macro. Use it through the `stem` crate,
-//! which documents what the macro generates.
+//! The `#[stem::task]` attribute macro. Use it through the `stem` crate
+//! (`#[stem::task]`); [`task`] documents every attribute key.
 //!
 //! The macro runs in three steps, one file each:
 //!
-//! - [`ast`] and [`attr`] parse what the user wrote, keeping every span,
-//! - [`check`] validates it, collecting every error at once,
-//! - [`expand`] generates the task module (or, when there were errors, a
+//! - `ast.rs` and `attr.rs` parse what the user wrote, keeping every span,
+//! - `check.rs` validates it, collecting every error at once (the option
+//!   rules themselves are in `rules.rs`, shared with `stem-core`),
+//! - `expand.rs` generates the task module (or, when there were errors, a
 //!   stub module with the same items so call sites stay quiet).
 
 mod ast;
 mod attr;
 mod check;
 mod expand;
+// Shared with stem-core, where these items are public API.
+#[allow(unreachable_pub)]
+mod rules;
 
 use proc_macro::TokenStream;
 
-/// Turns an `async fn` into a Stem task: keeps the function and generates a
-/// module of the same name with `NAME`, `Args`, `Output`, `Task`,
-/// `OPTIONS`, `enqueue`, `enqueue_on`, `with`, `enqueue_many`, `signature`,
-/// and registers the handler with the worker registry.
-///
-/// See the `stem` crate's documentation for the attribute keys.
+#[doc = include_str!("task.md")]
 #[proc_macro_attribute]
 pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
     let item = proc_macro2::TokenStream::from(item);
@@ -35,4 +34,26 @@ pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
     let plan = check::check(&func, &options, &mut errors);
     let compile_errors = errors.into_compile_errors();
     expand::expand(&func, &options, &plan, compile_errors).into()
+}
+
+#[cfg(test)]
+mod tests {
+    /// `task.md` has a table row and a section for every key the parser
+    /// accepts.
+    #[test]
+    fn the_docs_list_every_key() {
+        let docs = include_str!("task.md");
+        for key in crate::attr::key::ALL {
+            let cell = format!("`{key}`");
+            assert!(
+                docs.contains(&format!("| {cell} |")),
+                "no table row for {cell}"
+            );
+            assert!(
+                docs.lines()
+                    .any(|l| l.starts_with("## ") && l.contains(&cell)),
+                "no section for {cell}"
+            );
+        }
+    }
 }

@@ -42,8 +42,15 @@ async fn producer(client: &Stem, ctx: &stem::Context) -> Result<(), StemError> {
     let sig: Signature<u64> = send_email::signature("a@b".into(), "hi".into());
     let _: TaskHandle<u64> = sig.enqueue().await?;
     let _: Signature<u64> = send_email::with().priority(1).signature("c".into(), "d".into());
-    let _: stem::TaskBuilder<send_email::Task> = send_email::with().into_inner();
+    // `with()` is the core builder itself: every option of `TaskBuilder`
+    // is there, and generic code can take it.
+    let b: stem::TaskBuilder<send_email::Task> = send_email::with();
+    let _: send_email::Builder = b.eta(chrono_free_eta());
     Ok(())
+}
+
+fn chrono_free_eta() -> SystemTime {
+    SystemTime::now() + Duration::from_secs(1)
 }
 
 fn main() {
