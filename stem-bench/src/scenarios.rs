@@ -315,14 +315,15 @@ impl Bench {
                 .start();
             let done = wait_until_drained(client, Some(&recorder), n, self.timeout, &mut []).await;
             let mut elapsed = t0.elapsed();
+            let cpu_s = sys::cpu_seconds("self")? - cpu0;
+            let rss = sys::peak_rss_kib("self")?;
             if !ids.is_empty() {
+                // Untimed, and outside the CPU figure: the harness's own reads.
                 let (until_terminal, note) =
                     records_terminal(client, &ids, t0_wall, self.timeout).await?;
                 elapsed = elapsed.max(until_terminal);
                 notes.push(note);
             }
-            let cpu_s = sys::cpu_seconds("self")? - cpu0;
-            let rss = sys::peak_rss_kib("self")?;
             let t_stop = Instant::now();
             worker.shutdown();
             let report = worker.join().await;

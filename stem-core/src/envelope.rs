@@ -15,7 +15,7 @@ use crate::error::EnvelopeError;
 pub const ENVELOPE_VERSION: u32 = 1;
 
 /// The highest priority a task may have; `0` is the lowest.
-pub const MAX_PRIORITY: u8 = 9;
+pub const MAX_PRIORITY: u8 = crate::task::rules::MAX_PRIORITY;
 
 /// A task's identifier: a UUIDv7, so ids sort by creation time.
 ///
@@ -375,12 +375,7 @@ impl Envelope {
 /// # Errors
 /// [`EnvelopeError::BadQueue`] saying what is allowed.
 pub fn validate_queue_name(queue: &str) -> Result<(), EnvelopeError> {
-    let ok = !queue.is_empty()
-        && queue.len() <= 128
-        && queue
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
-    if ok {
+    if crate::task::rules::is_valid_queue_name(queue) {
         Ok(())
     } else {
         Err(EnvelopeError::BadQueue {

@@ -1,7 +1,8 @@
 //! The core of Stem, a typed background-task framework: the task
 //! [`Envelope`], the [`Broker`] and [`ResultBackend`] contracts, the
 //! [`Stem`] client, the worker runtime, the in-memory adapter and the
-//! adapter conformance [`kit`].
+//! adapter conformance kit (module `kit`, behind the `kit` feature that
+//! adapter crates enable in their tests).
 //!
 //! Applications depend on the `stem` facade crate, which re-exports this
 //! one together with the `#[stem::task]` macro and the adapters.

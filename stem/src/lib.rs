@@ -34,7 +34,22 @@
 //! one of its items from the worker (`let _ = my_tasks::send_email::NAME;`).
 //! A worker that finds no task at all refuses to start and says so.
 
-pub use stem_core::*;
+// Explicit re-exports (axum's habit): what the facade promises is listed
+// here, and an item added to the core is public here only when added.
+pub use stem_core::{
+    BackendError, Backoff, Broadcast, BroadcastMessage, BroadcastStream, Broker, BrokerError,
+    Capabilities, ConfigError, Context, DeadLetter, DeadLetterPage, DeadLetters, Delivery,
+    DeliveryMode, Disposition, EnqueueOptions, Envelope, EnvelopeError, FailureKind, Fatal,
+    FetchRequest, GroupSpec, GroupStatus, LeaseModel, Limits, Published, QueueAdmin, QueueStats,
+    RateLimit, Receipt, ReceiptHandle, Replay, ResultBackend, Retry, Settlement, Signature, State,
+    StateMap, Stem, StemError, Task, TaskBuilder, TaskError, TaskFailure, TaskHandle, TaskId,
+    TaskOptions, TaskRecord, TaskState, Unique, UniqueRelease, WorkerHeartbeat, WorkerStatus,
+    connect, connect_with,
+};
+pub use stem_core::{
+    backend, broker, builder, client, context, duration, envelope, error, handle, memory, registry,
+    retry, task, url, worker,
+};
 pub use stem_macros::task;
 
 /// The adapters compiled into this build (see the cargo features).

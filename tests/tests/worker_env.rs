@@ -144,6 +144,7 @@ fn one_flag(flag: &str, value: &str) -> WorkerArgs {
         poll_interval: None,
         heartbeat_interval: None,
         worker_id: None,
+        unknown_task_grace: None,
     };
     let slot = match flag {
         "--concurrency" => &mut args.concurrency,
