@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+#[cfg(feature = "cli")]
 use clap::Parser;
 
 /// How a worker runs. [`Worker::builder`](super::Worker::builder) starts
@@ -93,52 +94,56 @@ pub fn host_name() -> String {
 /// variable here; the worker settings' variables are read by every
 /// [`WorkerBuilder::build`](super::WorkerBuilder::build), and a flag wins
 /// over its variable.
-#[derive(Debug, Parser)]
-#[command(
-    name = "stem-worker",
-    about = "Runs every Stem task linked into this binary."
+#[derive(Debug, Default)]
+#[cfg_attr(feature = "cli", derive(Parser))]
+#[cfg_attr(
+    feature = "cli",
+    command(
+        name = "stem-worker",
+        about = "Runs every Stem task linked into this binary."
+    )
 )]
 pub struct WorkerArgs {
     /// Broker URL (e.g. `memory://`, `sqlite://stem.db`).
-    #[arg(long, env = "STEM_BROKER_URL")]
+    #[cfg_attr(feature = "cli", arg(long, env = "STEM_BROKER_URL"))]
     pub broker_url: Option<String>,
     /// Result backend URL (default: the broker's own, when it has one).
-    #[arg(long, env = "STEM_RESULT_BACKEND_URL")]
+    #[cfg_attr(feature = "cli", arg(long, env = "STEM_RESULT_BACKEND_URL"))]
     pub result_backend_url: Option<String>,
     /// Namespace of keys, tables and channels.
-    #[arg(long, env = "STEM_NAMESPACE")]
+    #[cfg_attr(feature = "cli", arg(long, env = "STEM_NAMESPACE"))]
     pub namespace: Option<String>,
     /// Queues to consume, comma-separated (default: every task's queue;
     /// variable `STEM_QUEUES`).
-    #[arg(long, value_delimiter = ',')]
+    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ','))]
     pub queues: Vec<String>,
     /// Tasks run at once (variable `STEM_CONCURRENCY`).
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub concurrency: Option<String>,
     /// Deliveries held at most, running or waiting (default: 4 per slot;
     /// variable `STEM_PREFETCH`).
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub prefetch: Option<String>,
     /// Time in-flight tasks get after SIGINT/SIGTERM, e.g. `30s`
     /// (variable `STEM_SHUTDOWN_GRACE`).
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub shutdown_grace: Option<String>,
     /// Lease per delivery, e.g. `30s` (variable `STEM_LEASE`).
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub lease: Option<String>,
     /// Longest wait per fetch, e.g. `1s` (variable `STEM_POLL_INTERVAL`).
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub poll_interval: Option<String>,
     /// Heartbeat interval, e.g. `10s` (variable `STEM_HEARTBEAT_INTERVAL`).
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub heartbeat_interval: Option<String>,
     /// Worker id (default `host-pid-random`; variable `STEM_WORKER_ID`).
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub worker_id: Option<String>,
     /// How long a task this worker does not know is handed back for other
     /// workers before it is dead-lettered, e.g. `5m` (variable
     /// `STEM_UNKNOWN_TASK_GRACE`).
-    #[arg(long)]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub unknown_task_grace: Option<String>,
 }
 

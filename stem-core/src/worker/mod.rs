@@ -477,9 +477,14 @@ impl WorkerHandle {
 /// }
 /// ```
 ///
+/// Needs the `cli` feature (on in the `stem` facade by default), which
+/// parses the flags with clap.
+///
 /// # Errors
 /// Bad flags or variables, registry problems, or a connect error.
+#[cfg(feature = "cli")]
 pub async fn run() -> Result<WorkerReport, WorkerError> {
+    use clap::Parser as _;
     let args = match WorkerArgs::try_parse_from(std::env::args_os()) {
         Ok(a) => a,
         Err(e)
@@ -517,5 +522,3 @@ pub async fn builder_from_args(args: &WorkerArgs) -> Result<WorkerBuilder, Worke
     }
     Ok(builder)
 }
-
-use clap::Parser as _;
