@@ -199,3 +199,23 @@ async fn publish_many_keeps_order_and_unique_answers_across_multi_row_inserts() 
         .collect();
     assert_eq!(order, expected, "stored once each, in publish order");
 }
+
+/// Errors keep what caused them: an unopenable path answers with the I/O
+/// error as the `source`, and the client's `Debug` prints the chain.
+#[tokio::test]
+async fn an_open_error_keeps_its_io_cause_as_the_source() {
+    use std::error::Error as _;
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let err = SqliteBroker::open(blocker.join("sub").join("x.db"), SqliteOptions::default())
+        .await
+        .expect_err("a path under a file cannot be created");
+    let source = err.source().expect("the cause is kept");
+    assert!(
+        source.to_string().to_lowercase().contains("directory"),
+        "the I/O error: {source}"
+    );
+    let chain = format!("{:?}", stem_core::StemError::from(err));
+    assert!(chain.contains("Caused by:"), "{chain}");
+}

@@ -177,9 +177,7 @@ impl<T: Task> TaskBuilder<T> {
     /// # Errors
     /// Invalid options or unserializable arguments.
     pub fn build(&self, args: &T::Args) -> Result<Envelope, StemError> {
-        let raw = serde_json::value::to_raw_value(args).map_err(|e| EnvelopeError::Args {
-            reason: e.to_string(),
-        })?;
+        let raw = serde_json::value::to_raw_value(args).map_err(EnvelopeError::args)?;
         Ok(build_envelope(T::NAME, &T::OPTIONS, &self.options, raw)?)
     }
 

@@ -270,9 +270,7 @@ impl Envelope {
         queue: impl Into<String>,
         args: impl Serialize,
     ) -> Result<Self, EnvelopeError> {
-        let args = serde_json::value::to_raw_value(&args).map_err(|e| EnvelopeError::Args {
-            reason: e.to_string(),
-        })?;
+        let args = serde_json::value::to_raw_value(&args).map_err(EnvelopeError::args)?;
         Self::from_raw(name, queue, args)
     }
 
@@ -338,9 +336,7 @@ impl Envelope {
     /// # Errors
     /// Only if a header or argument cannot be encoded, which valid envelopes never hit.
     pub fn encode(&self) -> Result<Vec<u8>, EnvelopeError> {
-        serde_json::to_vec(self).map_err(|e| EnvelopeError::Encode {
-            reason: e.to_string(),
-        })
+        serde_json::to_vec(self).map_err(EnvelopeError::encode)
     }
 
     /// Decodes JSON bytes, ignoring unknown fields.
@@ -349,9 +345,7 @@ impl Envelope {
     /// [`EnvelopeError::Decode`] with serde's message, or
     /// [`EnvelopeError::Version`] for an envelope from a newer major format.
     pub fn decode(bytes: &[u8]) -> Result<Self, EnvelopeError> {
-        let env: Self = serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Decode {
-            reason: e.to_string(),
-        })?;
+        let env: Self = serde_json::from_slice(bytes).map_err(EnvelopeError::decode)?;
         if env.v != ENVELOPE_VERSION {
             return Err(EnvelopeError::Version { found: env.v });
         }

@@ -1,9 +1,57 @@
 //! Typed errors, one enum per layer. Each message says what happened and
 //! what to do about it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::envelope::TaskId;
+
+/// The error underneath a Stem error (a serde, SQLite, I/O or driver
+/// error), kept as its [`source`](std::error::Error::source) so the chain
+/// reaches the root. Shared (`Arc`), so the errors that hold it stay
+/// `Clone`; two causes are equal when their messages are.
+///
+/// ```
+/// use std::error::Error as _;
+/// let json = serde_json::from_str::<u32>("x").unwrap_err();
+/// let err = stem_core::EnvelopeError::decode(json);
+/// assert!(err.source().is_some(), "the serde error is kept");
+/// ```
+#[derive(Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync>);
+
+impl Cause {
+    /// Keeps `error` as a cause.
+    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self(Arc::new(error))
+    }
+}
+
+impl std::fmt::Debug for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for Cause {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for Cause {}
 
 /// A problem with an envelope or one of its fields.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,18 +79,27 @@ pub enum EnvelopeError {
     Args {
         /// serde's message.
         reason: String,
+        /// serde's error.
+        #[source]
+        source: Option<Cause>,
     },
     /// Encoding failed.
     #[error("the envelope could not be encoded: {reason}")]
     Encode {
         /// serde's message.
         reason: String,
+        /// serde's error.
+        #[source]
+        source: Option<Cause>,
     },
     /// Bytes that are not an envelope.
     #[error("not a Stem envelope: {reason}")]
     Decode {
         /// serde's message.
         reason: String,
+        /// serde's error.
+        #[source]
+        source: Option<Cause>,
     },
     /// A format version this worker does not read.
     #[error(
@@ -60,6 +117,35 @@ pub enum EnvelopeError {
         /// The parser's message.
         reason: String,
     },
+}
+
+impl EnvelopeError {
+    /// Arguments that did not serialize, keeping serde's error.
+    #[must_use]
+    pub fn args(e: serde_json::Error) -> Self {
+        Self::Args {
+            reason: e.to_string(),
+            source: Some(Cause::new(e)),
+        }
+    }
+
+    /// An envelope that did not encode, keeping serde's error.
+    #[must_use]
+    pub fn encode(e: serde_json::Error) -> Self {
+        Self::Encode {
+            reason: e.to_string(),
+            source: Some(Cause::new(e)),
+        }
+    }
+
+    /// Bytes that are not an envelope, keeping serde's error.
+    #[must_use]
+    pub fn decode(e: serde_json::Error) -> Self {
+        Self::Decode {
+            reason: e.to_string(),
+            source: Some(Cause::new(e)),
+        }
+    }
 }
 
 /// An error from a [`Broker`](crate::Broker).
@@ -97,6 +183,9 @@ pub enum BrokerError {
         adapter: String,
         /// What failed.
         reason: String,
+        /// The error underneath, when there is one.
+        #[source]
+        source: Option<Cause>,
     },
     /// The operation is not supported by this adapter.
     #[error("{adapter} does not support {operation}: {hint}")]
@@ -121,6 +210,9 @@ pub enum BrokerError {
         adapter: String,
         /// What failed.
         reason: String,
+        /// The error underneath, when there is one.
+        #[source]
+        source: Option<Cause>,
     },
 }
 
@@ -135,6 +227,9 @@ pub enum BackendError {
         adapter: String,
         /// What failed.
         reason: String,
+        /// The error underneath, when there is one.
+        #[source]
+        source: Option<Cause>,
     },
     /// The storage layer reported an error.
     #[error("result backend {adapter} storage error: {reason}")]
@@ -143,6 +238,9 @@ pub enum BackendError {
         adapter: String,
         /// What failed.
         reason: String,
+        /// The error underneath, when there is one.
+        #[source]
+        source: Option<Cause>,
     },
     /// A stored record could not be decoded.
     #[error("result record for {task_id} is corrupt: {reason}")]
@@ -151,6 +249,9 @@ pub enum BackendError {
         task_id: TaskId,
         /// serde's message.
         reason: String,
+        /// The error underneath, when there is one.
+        #[source]
+        source: Option<Cause>,
     },
     /// Invalid input.
     #[error("invalid argument: {0}")]
@@ -169,7 +270,17 @@ pub(crate) fn fmt_chain(
     f: &mut std::fmt::Formatter<'_>,
 ) -> std::fmt::Result {
     write!(f, "{err}")?;
-    let causes: Vec<_> = std::iter::successors(err.source(), |e| e.source()).collect();
+    // A cause whose message the error above it already ends with (the
+    // usual "context: cause" form) is not repeated.
+    let mut above = err.to_string();
+    let causes: Vec<_> = std::iter::successors(err.source(), |e| e.source())
+        .filter(|c| {
+            let text = c.to_string();
+            let repeated = above.ends_with(&text);
+            above = text;
+            !repeated
+        })
+        .collect();
     match causes.as_slice() {
         [] => Ok(()),
         [only] => write!(f, "\n\nCaused by:\n    {only}"),

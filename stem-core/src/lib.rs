@@ -50,7 +50,9 @@ pub use builder::{EnqueueOptions, Signature, TaskBuilder};
 pub use client::{Stem, connect, connect_with};
 pub use context::{Context, State, StateMap};
 pub use envelope::{Envelope, TaskId, Unique, UniqueRelease};
-pub use error::{BackendError, BrokerError, ConfigError, EnvelopeError, StemError, TaskError};
+pub use error::{
+    BackendError, BrokerError, Cause, ConfigError, EnvelopeError, StemError, TaskError,
+};
 pub use handle::TaskHandle;
 pub use retry::{Backoff, Fatal, Retry};
 pub use task::{DeliveryMode, RateLimit, Task, TaskOptions};

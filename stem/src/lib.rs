@@ -38,7 +38,7 @@
 // here, and an item added to the core is public here only when added.
 pub use stem_core::{
     BackendError, Backoff, Broadcast, BroadcastMessage, BroadcastStream, Broker, BrokerError,
-    Capabilities, ConfigError, Context, DeadLetter, DeadLetterPage, DeadLetters, Delivery,
+    Capabilities, Cause, ConfigError, Context, DeadLetter, DeadLetterPage, DeadLetters, Delivery,
     DeliveryMode, Disposition, EnqueueOptions, Envelope, EnvelopeError, FailureKind, Fatal,
     FetchRequest, GroupSpec, GroupStatus, LeaseModel, Limits, Published, QueueAdmin, QueueStats,
     RateLimit, Receipt, ReceiptHandle, Replay, ResultBackend, Retry, Settlement, Signature, State,

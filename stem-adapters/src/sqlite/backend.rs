@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use stem_core::backend::{GroupSpec, GroupStatus, WorkerHeartbeat, WorkerStatus};
-use stem_core::{BackendError, Envelope, ResultBackend, TaskId, TaskRecord};
+use stem_core::{BackendError, Cause, Envelope, ResultBackend, TaskId, TaskRecord};
 
 use super::db::Fail;
 use super::shared::{self, Shared};
@@ -99,8 +99,16 @@ impl SqliteBackend {
         match f {
             Fail::Other(e) => e,
             Fail::Db(e) => match self.shared.classify(&e) {
-                Ok((adapter, reason)) => BackendError::Storage { adapter, reason },
-                Err((adapter, reason)) => BackendError::Unavailable { adapter, reason },
+                Ok((adapter, reason, source)) => BackendError::Storage {
+                    adapter,
+                    reason,
+                    source,
+                },
+                Err((adapter, reason, source)) => BackendError::Unavailable {
+                    adapter,
+                    reason,
+                    source,
+                },
             },
         }
     }
@@ -142,6 +150,7 @@ impl SqliteBackend {
         serde_json::from_slice(bytes).map_err(|e| BackendError::Corrupt {
             task_id: id,
             reason: e.to_string(),
+            source: Some(Cause::new(e)),
         })
     }
 }
@@ -294,6 +303,7 @@ impl ResultBackend for SqliteBackend {
             serde_json::from_str(&members).map_err(|e| BackendError::Corrupt {
                 task_id: id,
                 reason: e.to_string(),
+                source: Some(Cause::new(e)),
             })?;
         let mut out = Vec::with_capacity(ids.len());
         for m in ids {
@@ -302,6 +312,7 @@ impl ResultBackend for SqliteBackend {
                     .map_err(|e: stem_core::EnvelopeError| BackendError::Corrupt {
                         task_id: id,
                         reason: e.to_string(),
+                        source: Some(Cause::new(e)),
                     })?;
             let rec = found
                 .remove(&m)
@@ -358,6 +369,7 @@ impl ResultBackend for SqliteBackend {
                 Envelope::decode(&b).map_err(|e| BackendError::Corrupt {
                     task_id: group_id,
                     reason: format!("chord callback: {e}"),
+                    source: Some(Cause::new(e)),
                 })
             })
             .transpose()

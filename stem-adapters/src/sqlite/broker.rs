@@ -299,6 +299,7 @@ fn insert_rows(
                 let id = holder.parse::<TaskId>().map_err(|e| BrokerError::Storage {
                     adapter: adapter.to_owned(),
                     reason: format!("corrupt unique key holder: {e}"),
+                    source: Some(stem_core::Cause::new(e)),
                 })?;
                 out.push(Published::Duplicate(id));
                 continue;
@@ -474,8 +475,16 @@ impl SqliteBroker {
         match f {
             Fail::Other(e) => e,
             Fail::Db(e) => match self.shared.classify(&e) {
-                Ok((adapter, reason)) => BrokerError::Storage { adapter, reason },
-                Err((adapter, reason)) => BrokerError::Unavailable { adapter, reason },
+                Ok((adapter, reason, source)) => BrokerError::Storage {
+                    adapter,
+                    reason,
+                    source,
+                },
+                Err((adapter, reason, source)) => BrokerError::Unavailable {
+                    adapter,
+                    reason,
+                    source,
+                },
             },
         }
     }
@@ -779,6 +788,7 @@ impl Broker for SqliteBroker {
             Fail::Db(e) => BrokerError::Storage {
                 adapter: adapter.clone(),
                 reason: e.reason,
+                source: e.cause,
             },
         })
     }

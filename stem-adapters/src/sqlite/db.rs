@@ -43,6 +43,8 @@ pub(crate) struct DbError {
     /// Busy or locked: another connection holds the lock right now.
     pub(crate) busy: bool,
     pub(crate) reason: String,
+    /// SQLite's own error, when there is one (kept as the `source`).
+    pub(crate) cause: Option<stem_core::Cause>,
 }
 
 impl DbError {
@@ -51,6 +53,7 @@ impl DbError {
             unavailable: true,
             busy: false,
             reason: String::from("the SQLite writer thread has stopped"),
+            cause: None,
         }
     }
 }
@@ -76,6 +79,7 @@ impl From<rusqlite::Error> for DbError {
             unavailable,
             busy,
             reason: e.to_string(),
+            cause: Some(stem_core::Cause::new(e)),
         }
     }
 }
@@ -149,6 +153,7 @@ where
                 unavailable: false,
                 busy: false,
                 reason: String::from("internal error: a SQLite write panicked"),
+                cause: None,
             }))
         });
         let ok = out.is_ok();
@@ -197,6 +202,7 @@ pub(crate) fn connect(path: &Path, opts: &SqliteOptions) -> Result<Connection, D
             unavailable: false,
             busy: false,
             reason: format!("the database refused WAL mode (journal mode is {mode})"),
+            cause: None,
         });
     }
     conn.pragma_update(
@@ -260,6 +266,7 @@ impl Db {
                 unavailable: true,
                 busy: false,
                 reason: format!("cannot start the checkpointer thread: {e}"),
+                cause: Some(stem_core::Cause::new(e)),
             })?;
         std::thread::Builder::new()
             .name(String::from("stem-sqlite-writer"))
@@ -272,6 +279,7 @@ impl Db {
                 unavailable: true,
                 busy: false,
                 reason: format!("cannot start the writer thread: {e}"),
+                cause: Some(stem_core::Cause::new(e)),
             })?;
         Ok(Self {
             writer: tx,
@@ -338,6 +346,7 @@ impl Db {
                 unavailable: false,
                 busy: false,
                 reason: format!("internal error: a SQLite read failed: {e}"),
+                cause: Some(stem_core::Cause::new(e)),
             })
         })?;
         if let Some(conn) = conn {

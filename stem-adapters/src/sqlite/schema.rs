@@ -144,6 +144,7 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<(), DbError> {
             reason: format!(
                 "the database schema is version {current}, newer than this build's {VERSION}: upgrade Stem"
             ),
+            cause: None,
         });
     }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;

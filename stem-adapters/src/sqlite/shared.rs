@@ -23,13 +23,16 @@ impl Shared {
         format!("sqlite://{}", self.path.display())
     }
 
-    /// The adapter's name and the reason, sorted: `Ok` for storage
-    /// errors, `Err` when the database is unreachable.
-    pub(crate) fn classify(&self, e: &DbError) -> Result<(String, String), (String, String)> {
-        let parts = (self.describe(), e.reason.clone());
+    /// The adapter's name, the reason and SQLite's error, sorted: `Ok`
+    /// for storage errors, `Err` when the database is unreachable.
+    pub(crate) fn classify(&self, e: &DbError) -> Result<Parts, Parts> {
+        let parts = (self.describe(), e.reason.clone(), e.cause.clone());
         if e.unavailable { Err(parts) } else { Ok(parts) }
     }
 }
+
+/// Adapter name, reason, cause.
+pub(crate) type Parts = (String, String, Option<stem_core::Cause>);
 
 type Registry = Mutex<HashMap<PathBuf, Weak<Shared>>>;
 
@@ -44,6 +47,8 @@ fn registry() -> &'static Registry {
 pub(crate) struct OpenError {
     pub(crate) path: String,
     pub(crate) reason: String,
+    #[source]
+    pub(crate) cause: Option<stem_core::Cause>,
 }
 
 impl From<OpenError> for stem_core::BrokerError {
@@ -51,6 +56,7 @@ impl From<OpenError> for stem_core::BrokerError {
         Self::Unavailable {
             adapter: format!("sqlite://{}", e.path),
             reason: e.reason,
+            source: e.cause,
         }
     }
 }
@@ -60,18 +66,22 @@ impl From<OpenError> for stem_core::BackendError {
         Self::Unavailable {
             adapter: format!("sqlite://{}", e.path),
             reason: e.reason,
+            source: e.cause,
         }
     }
 }
 
 pub(crate) async fn open(path: &Path, opts: &SqliteOptions) -> Result<Arc<Shared>, OpenError> {
-    let err = |reason: String| OpenError {
+    let err = |reason: String, cause: Option<stem_core::Cause>| OpenError {
         path: path.display().to_string(),
         reason,
+        cause,
     };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| err(format!("cannot create directory {}: {e}", parent.display())))?;
+        std::fs::create_dir_all(parent).map_err(|e| {
+            let reason = format!("cannot create directory {}", parent.display());
+            err(reason, Some(stem_core::Cause::new(e)))
+        })?;
     }
     // Canonicalise once the file can exist, so two spellings share a pool.
     let key = match std::fs::canonicalize(path) {
@@ -99,8 +109,8 @@ pub(crate) async fn open(path: &Path, opts: &SqliteOptions) -> Result<Arc<Shared
         let opts = opts.clone();
         tokio::task::spawn_blocking(move || Db::open_when_free(&key, &opts))
             .await
-            .map_err(|e| err(e.to_string()))?
-            .map_err(|e| err(e.reason))?
+            .map_err(|e| err(e.to_string(), Some(stem_core::Cause::new(e))))?
+            .map_err(|e| err(e.reason, e.cause))?
     };
     let shared = Arc::new(Shared {
         db,
