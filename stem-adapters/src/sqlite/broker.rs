@@ -40,6 +40,35 @@ macro_rules! now_sql {
     };
 }
 
+/// A job's `stem_jobs.state`, named once. SQL text uses the macros (the
+/// values stay literals in the statements, so SQLite matches them against
+/// the partial indexes `WHERE state = 0` / `WHERE state > 0` of the schema);
+/// Rust uses the constants.
+macro_rules! ready {
+    () => {
+        "0"
+    };
+}
+/// Waiting for `due_ms` (`not_before`, or a retry's delay).
+macro_rules! delayed {
+    () => {
+        "1"
+    };
+}
+/// Under a lease until `due_ms`.
+macro_rules! leased {
+    () => {
+        "2"
+    };
+}
+/// The states a live lease can be in: leased, or ready again after its
+/// lease ran out but before anyone re-claimed it (then the token fences).
+macro_rules! lease_live {
+    () => {
+        concat!("state IN (", ready!(), ", ", leased!(), ")")
+    };
+}
+
 /// Broadcast messages older than this are deleted by `maintain`.
 const BROADCAST_KEEP_MS: i64 = 5 * 60 * 1000;
 
@@ -90,11 +119,18 @@ const INSERT_JOB: &str = "INSERT INTO stem_jobs (ns, id, queue, priority, state,
 /// powers of two (see the claim); both strings are quoted as SQL literals.
 fn claim_sql(ns: &str, queue: &str, limit: usize) -> String {
     format!(
-        "UPDATE stem_jobs SET state = 2, due_ms = ?1, token = token + 1, deliveries = deliveries + 1 \
-         WHERE seq IN (SELECT seq FROM stem_jobs WHERE ns = {} AND queue = {} AND state = 0 ORDER BY priority DESC, seq LIMIT {limit}) \
-         RETURNING seq, id, priority, token, deliveries, payload",
+        concat!(
+            "UPDATE stem_jobs SET state = ",
+            leased!(),
+            ", due_ms = ?1, token = token + 1, deliveries = deliveries + 1 \
+             WHERE seq IN (SELECT seq FROM stem_jobs WHERE ns = {} AND queue = {} AND state = ",
+            ready!(),
+            " ORDER BY priority DESC, seq LIMIT {limit}) \
+             RETURNING seq, id, priority, token, deliveries, payload"
+        ),
         sql_literal(ns),
-        sql_literal(queue)
+        sql_literal(queue),
+        limit = limit
     )
 }
 
@@ -114,22 +150,31 @@ fn sql_literal(s: &str) -> String {
 
 /// Deletes one leased (or expired, not yet re-claimed) row, fenced by its
 /// lease token.
-const TAKE: &str = "DELETE FROM stem_jobs WHERE seq = ?1 AND ns = ?2 AND token = ?3 AND state IN (0, 2) \
-     RETURNING id, queue, payload, unique_key, unique_on_finish";
+const TAKE: &str = concat!(
+    "DELETE FROM stem_jobs WHERE seq = ?1 AND ns = ?2 AND token = ?3 AND ",
+    lease_live!(),
+    " RETURNING id, queue, payload, unique_key, unique_on_finish"
+);
 
 /// [`TAKE`] for an ack: returns the unique key to release with the row
 /// (only when it goes on finish), not the payload.
-const ACK: &str = "DELETE FROM stem_jobs WHERE seq = ?1 AND ns = ?2 AND token = ?3 AND state IN (0, 2) \
-     RETURNING id, CASE WHEN unique_on_finish <> 0 THEN unique_key END";
+const ACK: &str = concat!(
+    "DELETE FROM stem_jobs WHERE seq = ?1 AND ns = ?2 AND token = ?3 AND ",
+    lease_live!(),
+    " RETURNING id, CASE WHEN unique_on_finish <> 0 THEN unique_key END"
+);
 
 /// Job states, as stored in `stem_jobs.state`.
 const READY: i64 = 0;
+const _: () = assert!(READY == 0 && DELAYED == 1, "the macros above say the same");
 /// Waiting for `due_ms`.
 const DELAYED: i64 = 1;
 
 /// The payload of a live lease (fenced like [`TAKE`]).
-const LEASED_PAYLOAD: &str =
-    "SELECT payload FROM stem_jobs WHERE seq = ?1 AND ns = ?2 AND token = ?3 AND state IN (0, 2)";
+const LEASED_PAYLOAD: &str = concat!(
+    "SELECT payload FROM stem_jobs WHERE seq = ?1 AND ns = ?2 AND token = ?3 AND ",
+    lease_live!()
+);
 
 const RELEASE_UNIQUE: &str = "DELETE FROM stem_unique WHERE ns = ?1 AND key = ?2 AND holder = ?3";
 
@@ -161,9 +206,13 @@ fn initial_state(env: &Envelope) -> (i64, i64) {
     match env.not_before {
         Some(nb) => {
             let delay = (nb - env.enqueued_at).num_milliseconds();
-            if delay > 0 { (1, delay) } else { (0, 0) }
+            if delay > 0 {
+                (DELAYED, delay)
+            } else {
+                (READY, 0)
+            }
         }
-        None => (0, 0),
+        None => (READY, 0),
     }
 }
 
@@ -387,7 +436,8 @@ fn settle_row(
                     "UPDATE stem_jobs SET state = ?1, due_ms = ",
                     now_sql!(),
                     " + ?2, token = token + 1, payload = COALESCE(?3, payload) \
-                     WHERE seq = ?4 AND ns = ?5 AND token = ?6 AND state IN (0, 2)"
+                     WHERE seq = ?4 AND ns = ?5 AND token = ?6 AND ",
+                    lease_live!()
                 ))?
                 .execute(params![state, delay, payload, seq, ns, token])?;
             Ok(changed == 1)
@@ -531,7 +581,7 @@ impl SqliteBroker {
     async fn store(&self, rows: Vec<NewRow>) -> Result<Vec<Published>, BrokerError> {
         let ns = self.ns.clone();
         let adapter = self.shared.describe();
-        let ready = rows.iter().any(|r| r.state == 0);
+        let ready = rows.iter().any(|r| r.state == READY);
         let out = self
             .write(move |c| insert_rows(c, &ns, &adapter, &rows))
             .await?;
@@ -550,9 +600,13 @@ impl SqliteBroker {
         let ns = self.ns.clone();
         self.read(move |c| {
             Ok(c.prepare_cached(concat!(
-                "SELECT EXISTS (SELECT 1 FROM stem_jobs WHERE ns = ?1 AND state > 0 AND due_ms <= ",
+                "SELECT EXISTS (SELECT 1 FROM stem_jobs WHERE ns = ?1 AND state > ",
+                ready!(),
+                " AND due_ms <= ",
                 now_sql!(),
-                ") OR EXISTS (SELECT 1 FROM stem_jobs WHERE ns = ?1 AND state = 0 AND queue IN (SELECT value FROM json_each(?2)))"
+                ") OR EXISTS (SELECT 1 FROM stem_jobs WHERE ns = ?1 AND state = ",
+                ready!(),
+                " AND queue IN (SELECT value FROM json_each(?2)))"
             ))?
             .query_row(params![ns, queues], |r| r.get(0))?)
         })
@@ -572,9 +626,13 @@ impl SqliteBroker {
             .write(move |c| {
                 let now = db_now(c)?;
                 let lease_until = now.saturating_add(lease_ms);
-                c.prepare_cached(
-                    "UPDATE stem_jobs SET state = 0 WHERE ns = ?1 AND state > 0 AND due_ms <= ?2",
-                )?
+                c.prepare_cached(concat!(
+                    "UPDATE stem_jobs SET state = ",
+                    ready!(),
+                    " WHERE ns = ?1 AND state > ",
+                    ready!(),
+                    " AND due_ms <= ?2"
+                ))?
                 .execute(params![ns, now])?;
                 let n = queues.len();
                 let quota = (max / n.max(1)).max(1);
@@ -838,9 +896,12 @@ impl Broker for SqliteBroker {
         let changed = self
             .write(move |c| {
                 let mut st = c.prepare_cached(concat!(
-                    "UPDATE stem_jobs SET state = 2, due_ms = ",
+                    "UPDATE stem_jobs SET state = ",
+                    leased!(),
+                    ", due_ms = ",
                     now_sql!(),
-                    " + ?1 WHERE seq = ?2 AND ns = ?3 AND token = ?4 AND state IN (0, 2)"
+                    " + ?1 WHERE seq = ?2 AND ns = ?3 AND token = ?4 AND ",
+                    lease_live!()
                 ))?;
                 let mut out = Vec::with_capacity(leases.len());
                 for held in leases {
@@ -988,14 +1049,20 @@ impl QueueAdmin for SqliteBroker {
         let (ready, delayed, leased) = self
             .read(move |c| {
                 let now = db_now(c)?;
-                Ok(c.prepare_cached(
-                    "SELECT \
-                       (SELECT COUNT(*) FROM stem_jobs WHERE ns = ?2 AND queue = ?3 AND state = 0) \
-                         + COALESCE(SUM(CASE WHEN due_ms <= ?1 THEN 1 ELSE 0 END), 0), \
-                       COALESCE(SUM(CASE WHEN state = 1 AND due_ms > ?1 THEN 1 ELSE 0 END), 0), \
-                       COALESCE(SUM(CASE WHEN state = 2 AND due_ms > ?1 THEN 1 ELSE 0 END), 0) \
-                     FROM stem_jobs WHERE ns = ?2 AND state > 0 AND queue = ?3",
-                )?
+                Ok(c.prepare_cached(concat!(
+                    "SELECT (SELECT COUNT(*) FROM stem_jobs WHERE ns = ?2 AND queue = ?3 AND state = ",
+                    ready!(),
+                    ") + COALESCE(SUM(CASE WHEN due_ms <= ?1 THEN 1 ELSE 0 END), 0), \
+                       COALESCE(SUM(CASE WHEN state = ",
+                    delayed!(),
+                    " AND due_ms > ?1 THEN 1 ELSE 0 END), 0), \
+                       COALESCE(SUM(CASE WHEN state = ",
+                    leased!(),
+                    " AND due_ms > ?1 THEN 1 ELSE 0 END), 0) \
+                     FROM stem_jobs WHERE ns = ?2 AND state > ",
+                    ready!(),
+                    " AND queue = ?3"
+                ))?
                 .query_row(params![now, ns, q], |r| {
                     Ok((
                         r.get::<_, i64>(0)?,
@@ -1020,22 +1087,31 @@ impl QueueAdmin for SqliteBroker {
             let now = db_now(c)?;
             let mut removed: Vec<(String, Option<String>)> = Vec::new();
             {
-                let mut ready = c.prepare_cached(
-                    "DELETE FROM stem_jobs WHERE ns = ?1 AND queue = ?2 AND state = 0 RETURNING id, unique_key",
-                )?;
+                let mut ready = c.prepare_cached(concat!(
+                    "DELETE FROM stem_jobs WHERE ns = ?1 AND queue = ?2 AND state = ",
+                    ready!(),
+                    " RETURNING id, unique_key"
+                ))?;
                 for row in ready.query_map(params![ns, queue], |r| Ok((r.get(0)?, r.get(1)?)))? {
                     removed.push(row?);
                 }
-                let mut later = c.prepare_cached(
-                    "DELETE FROM stem_jobs WHERE ns = ?1 AND state > 0 AND queue = ?2 AND (state = 1 OR due_ms <= ?3) RETURNING id, unique_key",
-                )?;
-                for row in later.query_map(params![ns, queue, now], |r| Ok((r.get(0)?, r.get(1)?)))? {
+                let mut later = c.prepare_cached(concat!(
+                    "DELETE FROM stem_jobs WHERE ns = ?1 AND state > ",
+                    ready!(),
+                    " AND queue = ?2 AND (state = ",
+                    delayed!(),
+                    " OR due_ms <= ?3) RETURNING id, unique_key"
+                ))?;
+                for row in
+                    later.query_map(params![ns, queue, now], |r| Ok((r.get(0)?, r.get(1)?)))?
+                {
                     removed.push(row?);
                 }
             }
             for (id, key) in &removed {
                 if let Some(key) = key {
-                    c.prepare_cached(RELEASE_UNIQUE)?.execute(params![ns, key, id])?;
+                    c.prepare_cached(RELEASE_UNIQUE)?
+                        .execute(params![ns, key, id])?;
                 }
             }
             Ok(removed.len() as u64)
@@ -1149,7 +1225,11 @@ impl DeadLetters for SqliteBroker {
                         }
                         _ => None,
                     };
-                    c.prepare_cached("INSERT INTO stem_jobs (ns, id, queue, priority, state, due_ms, unique_key, unique_on_finish, payload) VALUES (?1, ?2, ?3, ?4, 0, 0, ?5, ?6, ?7)")?
+                    c.prepare_cached(concat!(
+                        "INSERT INTO stem_jobs (ns, id, queue, priority, state, due_ms, unique_key, unique_on_finish, payload) VALUES (?1, ?2, ?3, ?4, ",
+                        ready!(),
+                        ", 0, ?5, ?6, ?7)"
+                    ))?
                         .execute(params![
                             ns,
                             id_text,
