@@ -579,6 +579,7 @@ impl SqliteBroker {
     /// Stores `rows` in one transaction, in order; a unique row whose key
     /// is held stores nothing and answers with the holder.
     async fn store(&self, rows: Vec<NewRow>) -> Result<Vec<Published>, BrokerError> {
+        self.shared.check_file()?;
         let ns = self.ns.clone();
         let adapter = self.shared.describe();
         let ready = rows.iter().any(|r| r.state == READY);
@@ -863,6 +864,7 @@ impl Broker for SqliteBroker {
         // taking the write lock.
         let mut look_first = false;
         loop {
+            self.shared.check_file_for_fetch()?;
             let notified = self.shared.wake.signals.jobs.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -1025,6 +1027,7 @@ impl Broker for SqliteBroker {
     }
 
     async fn maintain(&self) -> Result<(), BrokerError> {
+        self.shared.check_file_now()?;
         let ns = self.ns.clone();
         self.write(move |c| {
             let now = db_now(c)?;

@@ -101,6 +101,13 @@ async fn fetch_loop(rt: &Runtime) {
                 backoff = Duration::from_millis(50);
                 d
             }
+            // A closed broker answers every retry the same way: stop, so
+            // that a supervisor starts the worker again on a new client.
+            Err(e @ crate::BrokerError::Closed) => {
+                tracing::error!(error = %e, broker = %rt.broker.describe(), "fetch failed: the broker is closed; stopping the worker");
+                rt.stop.cancel();
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "fetch failed; retrying");
                 tokio::select! {
