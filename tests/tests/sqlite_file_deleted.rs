@@ -115,3 +115,59 @@ async fn a_worker_whose_sqlite_file_is_deleted_stops_with_a_clear_error() {
         .unwrap();
     fresh.maintain().await.unwrap();
 }
+
+/// The same as a real worker process would meet it: `stem::worker::run()`
+/// returns an error naming the file, and the process exits non-zero, so a
+/// supervisor restarts it on the file now at the path.
+#[test]
+fn a_worker_process_whose_sqlite_file_is_deleted_exits_with_an_error() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let db = dir.path().join("stem.db");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_e2e-worker"))
+        .env("STEM_BROKER_URL", format!("sqlite://{}", db.display()))
+        .env_remove("STEM_RESULT_BACKEND_URL")
+        .env_remove("STEM_NAMESPACE")
+        .env("STEM_QUEUES", "e2e")
+        .env("STEM_POLL_INTERVAL", "50ms")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("worker starts");
+    let started = Instant::now();
+    while !db.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the worker never created its file"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    remove_db(&db);
+    let deleted = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if deleted.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            panic!("the worker process kept running on a deleted file");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut stderr).expect("stderr");
+    }
+    assert!(
+        !status.success(),
+        "a worker that lost its file exits non-zero"
+    );
+    assert!(
+        stderr.contains("the worker stopped") && stderr.contains(&db.display().to_string()),
+        "the error names the file: {stderr}"
+    );
+}

@@ -171,6 +171,7 @@ impl Shared {
             .map_err(|why| stem_core::BrokerError::Unavailable {
                 adapter: self.describe(),
                 reason: why.to_owned(),
+                source: None,
             })
     }
 }

@@ -105,6 +105,9 @@ async fn fetch_loop(rt: &Runtime) {
             // that a supervisor starts the worker again on a new client.
             Err(e @ crate::BrokerError::Closed) => {
                 tracing::error!(error = %e, broker = %rt.broker.describe(), "fetch failed: the broker is closed; stopping the worker");
+                let _ = rt
+                    .fatal
+                    .set(format!("{} answered: {e}", rt.broker.describe()));
                 rt.stop.cancel();
                 return;
             }

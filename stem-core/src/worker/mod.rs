@@ -86,6 +86,10 @@ pub enum WorkerError {
     /// Flags could not be parsed.
     #[error("{0}")]
     Args(String),
+    /// The worker stopped by itself because its broker cannot go on
+    /// (e.g. its SQLite file was deleted under it); the reason is logged.
+    #[error("the worker stopped: {0}; restart it so it connects again")]
+    Stopped(String),
 }
 
 impl std::fmt::Debug for WorkerError {
@@ -188,6 +192,8 @@ pub(crate) struct Runtime {
     pub(crate) tracker: TaskTracker,
     pub(crate) counters: Arc<Counters>,
     pub(crate) rates: rate::RateLimits,
+    /// Why the worker stopped by itself, when it did.
+    pub(crate) fatal: Arc<std::sync::OnceLock<String>>,
     /// Task names this worker does not know and has warned about once.
     pub(crate) unknown_warned: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -400,6 +406,7 @@ impl Worker {
             ctx_shared,
             dispatch: dispatch::Dispatch::new(concurrency, prefetch),
             stop: CancellationToken::new(),
+            fatal: Arc::new(std::sync::OnceLock::new()),
             abort,
             completions: tx,
             tracker: TaskTracker::new(),
@@ -412,8 +419,9 @@ impl Worker {
             rt.tracker.spawn(executor::slot(Arc::clone(&rt)));
         }
         let stop = rt.stop.clone();
+        let fatal = Arc::clone(&rt.fatal);
         let join = tokio::spawn(supervisor::supervise(rt, rx));
-        WorkerHandle { stop, join }
+        WorkerHandle { stop, join, fatal }
     }
 
     /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
@@ -433,10 +441,19 @@ impl Worker {
         F: std::future::Future<Output = ()> + Send,
     {
         let handle = self.start();
-        signal.await;
-        tracing::info!("shutdown requested: no new tasks; waiting for running ones");
-        handle.shutdown();
-        Ok(handle.join().await)
+        tokio::select! {
+            () = signal => {
+                tracing::info!("shutdown requested: no new tasks; waiting for running ones");
+                handle.shutdown();
+            }
+            () = handle.stopping() => {}
+        }
+        let fatal = handle.stopped_by_itself().map(str::to_owned);
+        let report = handle.join().await;
+        match fatal {
+            Some(reason) => Err(WorkerError::Stopped(reason)),
+            None => Ok(report),
+        }
     }
 }
 
@@ -445,6 +462,7 @@ impl Worker {
 pub struct WorkerHandle {
     stop: CancellationToken,
     join: tokio::task::JoinHandle<WorkerReport>,
+    fatal: Arc<std::sync::OnceLock<String>>,
 }
 
 impl WorkerHandle {
@@ -452,6 +470,18 @@ impl WorkerHandle {
     /// period; what is left is requeued.
     pub fn shutdown(&self) {
         self.stop.cancel();
+    }
+
+    /// Resolves when the worker is stopping: asked to, or by itself.
+    pub async fn stopping(&self) {
+        self.stop.cancelled().await;
+    }
+
+    /// Why the worker stopped by itself, if it did (its broker could not
+    /// go on).
+    #[must_use]
+    pub fn stopped_by_itself(&self) -> Option<&str> {
+        self.fatal.get().map(String::as_str)
     }
 
     /// Waits for the worker to stop and returns what it did.
