@@ -219,3 +219,102 @@ async fn an_open_error_keeps_its_io_cause_as_the_source() {
     let chain = format!("{:?}", stem_core::StemError::from(err));
     assert!(chain.contains("Caused by:"), "{chain}");
 }
+
+/// `publish_in`: envelopes stored inside the caller's own transaction exist
+/// if and only if it commits; a connection outside a transaction, or of
+/// another type, is refused.
+#[tokio::test]
+async fn publish_in_is_visible_only_when_the_callers_transaction_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tx.db");
+    let b = SqliteBroker::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let mut conn = rusqlite::Connection::open(&path).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    let job = |n: u64| Envelope::new("t", "txq", serde_json::json!({ "n": n })).unwrap();
+
+    // Outside a transaction: refused, nothing stored.
+    let err = b
+        .publish_in(&mut conn, vec![job(0)])
+        .await
+        .expect_err("autocommit is refused");
+    assert!(err.to_string().contains("BEGIN"), "{err}");
+    // Another type: refused.
+    let mut not_a_connection = String::from("tx");
+    assert!(
+        b.publish_in(&mut not_a_connection, vec![job(0)])
+            .await
+            .is_err()
+    );
+
+    // Rolled back: gone.
+    conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let out = b.publish_in(&mut conn, vec![job(1), job(2)]).await.unwrap();
+    assert_eq!(out.len(), 2);
+    conn.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(
+        b.stats("txq").await.unwrap().ready,
+        0,
+        "a rolled-back enqueue leaves nothing"
+    );
+
+    // Committed with the caller's own row: there, and it runs.
+    conn.execute_batch(
+        "BEGIN IMMEDIATE; CREATE TABLE orders (id INTEGER); INSERT INTO orders VALUES (7);",
+    )
+    .unwrap();
+    let e = job(3);
+    let id = e.id;
+    b.publish_in(&mut conn, vec![e]).await.unwrap();
+    assert_eq!(
+        b.stats("txq").await.unwrap().ready,
+        0,
+        "not visible before the commit"
+    );
+    conn.execute_batch("COMMIT").unwrap();
+    assert_eq!(b.stats("txq").await.unwrap().ready, 1);
+    let got = b
+        .fetch(&FetchRequest::new(["txq"], 5).wait(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].envelope.id, id);
+}
+
+/// `try_lead`: one holder leads the namespace's housekeeping; another
+/// takes over only once the lease has run out.
+#[tokio::test]
+async fn one_worker_leads_housekeeping_until_its_lease_runs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lead.db");
+    let a = SqliteBroker::open(&path, SqliteOptions::default())
+        .await
+        .unwrap();
+    let ttl = Duration::from_millis(400);
+    assert!(
+        a.try_lead("w1", ttl).await.unwrap(),
+        "the first holder leads"
+    );
+    assert!(!a.try_lead("w2", ttl).await.unwrap(), "a second does not");
+    assert!(a.try_lead("w1", ttl).await.unwrap(), "the leader renews");
+    let other_ns = SqliteBroker::open(
+        &path,
+        SqliteOptions {
+            namespace: String::from("other"),
+            ..SqliteOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        other_ns.try_lead("w2", ttl).await.unwrap(),
+        "each namespace has its own leader"
+    );
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    assert!(
+        a.try_lead("w2", ttl).await.unwrap(),
+        "taken over after the lease"
+    );
+    assert!(!a.try_lead("w1", ttl).await.unwrap());
+}
