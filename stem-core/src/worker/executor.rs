@@ -110,7 +110,16 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
         ));
         return;
     }
-    let future = match (entry.handler)(ctx.clone(), &envelope.args) {
+    let handler = || (entry.handler)(ctx.clone(), &envelope.args);
+    let handled = if entry.options.blocking {
+        // The thread the handler starts is listed while it runs (see
+        // `__private::run_blocking`).
+        let guard = ctx.blocking_threads().register(envelope);
+        crate::context::offer_blocking_guard(guard, handler)
+    } else {
+        handler()
+    };
+    let future = match handled {
         Ok(f) => f,
         Err(e) => {
             let reason = format!("undecodable arguments for task `{}`: {e}", envelope.name);
@@ -140,6 +149,11 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
     }
 
     let outcome = run_with_lease(rt, entry, ctx.receipt(), future, at_most_once, renewed).await;
+    if !matches!(outcome, Outcome::Finished(_) | Outcome::Panicked(_)) {
+        // The future is dropped; code it handed work to (a blocking
+        // thread above all) learns of it here.
+        ctx.cancel();
+    }
     // The handler's future is gone: the receipt comes back without a copy
     // unless the task kept a clone of its context.
     let settle_receipt = if at_most_once {
@@ -165,7 +179,14 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
             fail(rt, settle_receipt, envelope, entry, started_at, err);
         }
         Outcome::TimedOut(limit) => {
-            tracing::warn!(?limit, "task hit its time limit; future dropped");
+            if entry.options.blocking {
+                tracing::warn!(
+                    ?limit,
+                    "blocking task hit its time limit; its context is cancelled and its thread runs until it returns"
+                );
+            } else {
+                tracing::warn!(?limit, "task hit its time limit; future dropped");
+            }
             let err = HandlerError::new(
                 FailureKind::Timeout,
                 "stem::Timeout",

@@ -388,6 +388,7 @@ impl Worker {
             states: self.states,
             cancel: abort.clone(),
             worker_id: Arc::clone(&worker_id),
+            blocking: Arc::default(),
         });
         let rt = Arc::new(Runtime {
             broker: Arc::clone(self.client.broker()),
