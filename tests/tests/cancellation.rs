@@ -41,11 +41,29 @@ async fn cooperative_spin(ctx: stem::Context, key: String) {
     }
 }
 
+/// Keys of the tasks that started.
+static STARTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Like `cooperative_spin`, without a time limit: only revocation or
+/// shutdown stops it.
+#[stem::task(queue = "revocable", blocking = true, retries = 0)]
+async fn revocable_spin(ctx: stem::Context, key: String) {
+    STARTED.lock().unwrap().push(key.clone());
+    let start = Instant::now();
+    while !ctx.is_cancelled() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    if ctx.is_cancelled() {
+        SAW_CANCEL.lock().unwrap().push((key, start.elapsed()));
+    }
+}
+
 async fn start(stem: &Stem, queues: &[&str]) -> WorkerHandle {
     Worker::builder()
         .client(stem)
         .queues(queues.iter().copied())
         .poll_interval(Duration::from_millis(50))
+        .lease(Duration::from_millis(300))
         .build()
         .await
         .expect("worker builds")
@@ -77,6 +95,40 @@ async fn a_blocking_task_past_its_time_limit_sees_its_context_cancelled() {
         (report.succeeded, report.dead_lettered),
         (0, 1),
         "{report:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_running_task_cancels_its_context() {
+    let stem = isolated_client("coop_revoke").await;
+    let worker = start(&stem, &["revocable"]).await;
+    let handle = revocable_spin::enqueue_on(&stem, "revoked".to_owned())
+        .await
+        .expect("enqueue");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            STARTED.lock().unwrap().iter().any(|k| k == "revoked")
+        })
+        .await,
+        "the task never started"
+    );
+    stem.revoke(handle.id()).await.expect("revoke");
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            saw_cancel("revoked").is_some()
+        })
+        .await,
+        "the running task's context was not cancelled when it was revoked"
+    );
+    worker.shutdown();
+    let report = worker.join().await;
+    assert_eq!((report.succeeded, report.revoked), (0, 1), "{report:?}");
+    assert!(
+        matches!(
+            stem.state(handle.id()).await.expect("state"),
+            stem::TaskState::Revoked
+        ),
+        "the revoked run left another record"
     );
 }
 

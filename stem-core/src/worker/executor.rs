@@ -35,6 +35,8 @@ enum Outcome {
     Aborted,
     /// Another consumer owns the delivery now.
     LeaseLost,
+    /// Revoked while it ran (seen at a lease renewal).
+    Revoked,
 }
 
 /// One executor slot: runs the deliveries the fetcher hands over, one at
@@ -208,6 +210,12 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
                 "lease lost while running: another worker has the task now; stopped this run"
             );
         }
+        Outcome::Revoked => {
+            tracing::info!("task revoked while running; its context is cancelled and it is acked");
+            let record = record(rt, envelope, attempt, started_at, || TaskState::Revoked);
+            let settle = settle_receipt.map(|r| (r, Disposition::Ack));
+            complete(rt, settle, record, envelope, Count::Revoked);
+        }
     }
 }
 
@@ -322,7 +330,27 @@ async fn run_with_lease(
                     Err(BrokerError::LeaseLost { .. }) => return Outcome::LeaseLost,
                     Err(e) => tracing::warn!(error = %e, "could not extend lease; will retry"),
                 }
+                // Revocation is learned where the lease is renewed: one
+                // look-up per renewal period, only for a task still running.
+                if revoked(rt, receipt).await {
+                    return Outcome::Revoked;
+                }
             }
+        }
+    }
+}
+
+/// Whether the running task was revoked (false without a backend, or when
+/// the backend cannot say: the task keeps running).
+async fn revoked(rt: &Runtime, receipt: &Receipt) -> bool {
+    let Some(backend) = &rt.backend else {
+        return false;
+    };
+    match backend.revoked(&[receipt.task_id]).await {
+        Ok(flags) => flags.first().copied().unwrap_or(false),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not check whether the running task was revoked");
+            false
         }
     }
 }
