@@ -53,8 +53,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{
-    DEFAULT_UNKNOWN_TASK_GRACE, PREFETCH_PER_SLOT, WorkerArgs, WorkerConfig, default_worker_id,
-    host_name,
+    DEFAULT_LONG_TASK_WARNING, DEFAULT_UNKNOWN_TASK_GRACE, PREFETCH_PER_SLOT, WorkerArgs,
+    WorkerConfig, default_worker_id, host_name,
 };
 
 use crate::backend::ResultBackend;
@@ -267,6 +267,14 @@ impl WorkerBuilder {
     #[must_use]
     pub fn unknown_task_grace(mut self, grace: Duration) -> Self {
         self.settings.unknown_task_grace = Some((grace, config::Source::Builder));
+        self
+    }
+
+    /// How long a task without a time limit runs before the worker logs a
+    /// warning about it, once per run (`STEM_LONG_TASK_WARNING`).
+    #[must_use]
+    pub fn long_task_warning(mut self, after: Duration) -> Self {
+        self.settings.long_task_warning = Some((after, config::Source::Builder));
         self
     }
 
