@@ -75,20 +75,46 @@ pub fn type_id_of<T: 'static>() -> std::any::TypeId {
     std::any::TypeId::of::<T>()
 }
 
-/// Runs a future on the blocking thread pool (for `blocking = true`).
+/// Runs a future on a thread of its own (for `blocking = true`).
+///
+/// A plain detached thread, not tokio's blocking pool: a runtime waits for
+/// its pool's threads when it is dropped, so a task that ignores its
+/// cancellation and never returns would keep `#[tokio::main]` (and the
+/// process) from exiting after the worker stopped. A detached thread is
+/// abandoned when the process exits. The worker lists it while it runs
+/// (the guard it offered while calling the handler), to name at shutdown
+/// the tasks it abandons.
 pub fn run_blocking<F>(fut: F) -> HandlerFuture
 where
     F: std::future::Future<Output = HandlerResult> + Send + 'static,
 {
+    let guard = crate::context::take_blocking_guard();
     Box::pin(async move {
         let handle = tokio::runtime::Handle::current();
-        match tokio::task::spawn_blocking(move || handle.block_on(fut)).await {
-            Ok(r) => r,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => Err(HandlerError::new(
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name(String::from("stem-blocking"))
+            .spawn(move || {
+                let r =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle.block_on(fut)));
+                // The run may be over (time limit, shutdown): nobody waits.
+                let _ = tx.send(r);
+                drop(guard);
+            });
+        if let Err(e) = spawned {
+            return Err(HandlerError::new(
                 crate::backend::FailureKind::Error,
-                "tokio::task::JoinError",
-                e.to_string(),
+                "std::io::Error",
+                format!("could not start a thread for the blocking task: {e}"),
+            ));
+        }
+        match rx.await {
+            Ok(Ok(r)) => r,
+            Ok(Err(payload)) => std::panic::resume_unwind(payload),
+            Err(_) => Err(HandlerError::new(
+                crate::backend::FailureKind::Error,
+                "stem::BlockingThread",
+                String::from("the blocking task's thread ended without a result"),
             )),
         }
     })

@@ -157,6 +157,10 @@ struct ContextInner {
     envelope: Arc<Envelope>,
     receipt: Receipt,
     deliveries: u32,
+    /// This delivery's cancellation: a child of the worker's, so the end
+    /// of the shutdown grace fires every delivery's at once; the executor
+    /// fires one alone at its time limit, on revocation or a lost lease.
+    cancel: CancellationToken,
     shared: Arc<ContextShared>,
 }
 
@@ -166,9 +170,101 @@ pub(crate) struct ContextShared {
     pub(crate) backend: Option<Arc<dyn ResultBackend>>,
     pub(crate) client: Option<Stem>,
     pub(crate) states: Arc<StateMap>,
-    /// Fired when the shutdown grace ends.
+    /// Fired when the shutdown grace ends (the parent of every
+    /// delivery's own token).
     pub(crate) cancel: CancellationToken,
     pub(crate) worker_id: Arc<str>,
+    /// The threads of `blocking = true` tasks still running.
+    pub(crate) blocking: Arc<BlockingThreads>,
+}
+
+/// The threads of `blocking = true` tasks that have not returned yet, so
+/// the worker can tell at shutdown which ones it abandons (a thread cannot
+/// be killed: one that ignores its cancellation runs until the process
+/// exits).
+#[derive(Default)]
+pub(crate) struct BlockingThreads {
+    running: std::sync::Mutex<Vec<(u64, TaskId, String)>>,
+    next: std::sync::atomic::AtomicU64,
+    changed: tokio::sync::Notify,
+}
+
+impl BlockingThreads {
+    /// Registers the thread about to run this delivery; it is listed
+    /// until the guard is dropped (when the thread returns).
+    pub(crate) fn register(self: &Arc<Self>, envelope: &Envelope) -> BlockingGuard {
+        let key = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lock().push((key, envelope.id, envelope.name.clone()));
+        BlockingGuard {
+            threads: Arc::clone(self),
+            key,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, TaskId, String)>> {
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The tasks (id, name) whose threads still run.
+    pub(crate) fn running(&self) -> Vec<(TaskId, String)> {
+        self.lock()
+            .iter()
+            .map(|(_, id, name)| (*id, name.clone()))
+            .collect()
+    }
+
+    /// Waits until no thread runs, or `limit` passes; returns whether none runs.
+    pub(crate) async fn wait_idle(&self, limit: Duration) -> bool {
+        let idle = async {
+            loop {
+                let changed = self.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if self.lock().is_empty() {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(limit, idle).await.is_ok()
+    }
+}
+
+/// Keeps a blocking task listed in [`BlockingThreads`] while its thread runs.
+pub(crate) struct BlockingGuard {
+    threads: Arc<BlockingThreads>,
+    key: u64,
+}
+
+impl Drop for BlockingGuard {
+    fn drop(&mut self) {
+        self.threads.lock().retain(|(k, _, _)| *k != self.key);
+        self.threads.changed.notify_waiters();
+    }
+}
+
+std::thread_local! {
+    /// The guard of the blocking task whose handler is being called on
+    /// this thread: set by the executor around the call, taken by
+    /// `__private::run_blocking` into the thread it starts.
+    static NEXT_BLOCKING: std::cell::RefCell<Option<BlockingGuard>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Calls `f` (a task's handler) with `guard` offered to the blocking
+/// thread it may start; a guard not taken is dropped after the call.
+pub(crate) fn offer_blocking_guard<R>(guard: BlockingGuard, f: impl FnOnce() -> R) -> R {
+    NEXT_BLOCKING.with(|slot| *slot.borrow_mut() = Some(guard));
+    let r = f();
+    drop(NEXT_BLOCKING.with(|slot| slot.borrow_mut().take()));
+    r
+}
+
+/// The guard offered by [`offer_blocking_guard`] on this thread, if any.
+pub(crate) fn take_blocking_guard() -> Option<BlockingGuard> {
+    NEXT_BLOCKING.with(|slot| slot.borrow_mut().take())
 }
 
 /// Everything a worker hands to [`Context::new`].
@@ -188,7 +284,8 @@ pub struct ContextParts {
     pub client: Option<Stem>,
     /// Shared state.
     pub states: Arc<StateMap>,
-    /// Fired on revocation or when the shutdown grace ends.
+    /// The worker's cancellation: the context's own is a child of it
+    /// (fired with it, or alone by the worker).
     pub cancel: CancellationToken,
     /// The worker's id.
     pub worker_id: String,
@@ -216,6 +313,7 @@ impl Context {
             states,
             cancel,
             worker_id: Arc::from(worker_id),
+            blocking: Arc::default(),
         });
         Self::with_shared(Arc::new(envelope), receipt, deliveries, shared)
     }
@@ -242,6 +340,7 @@ impl Context {
                 envelope,
                 receipt,
                 deliveries,
+                cancel: shared.cancel.child_token(),
                 shared,
             }),
         }
@@ -344,15 +443,39 @@ impl Context {
         self.inner.shared.client.as_ref()
     }
 
-    /// Whether the task was asked to stop (revoked, or shutdown grace over).
+    /// Whether this run was asked to stop: its time limit passed, it was
+    /// revoked, its lease went to another consumer, or the shutdown grace
+    /// is over. Blocking code (`blocking = true`) checks it in its loops
+    /// and returns: the worker cannot stop a thread, and one that ignores
+    /// it runs on, abandoned, until the process exits.
     #[must_use]
     pub fn is_cancelled(&self) -> bool {
-        self.inner.shared.cancel.is_cancelled()
+        self.inner.cancel.is_cancelled()
     }
 
-    /// Resolves when the task is asked to stop.
+    /// Resolves when this run is asked to stop (see
+    /// [`Context::is_cancelled`]); for async code that hands work to
+    /// other tasks or threads and wants to tell them.
     pub async fn cancelled(&self) {
-        self.inner.shared.cancel.cancelled().await;
+        self.inner.cancel.cancelled().await;
+    }
+
+    /// This run's cancellation token (a clone), to pass to code that
+    /// takes one.
+    #[must_use]
+    pub fn cancellation_token(&self) -> CancellationToken {
+        self.inner.cancel.clone()
+    }
+
+    /// Asks this run to stop (the executor, at its time limit, on
+    /// revocation or on a lost lease).
+    pub(crate) fn cancel(&self) {
+        self.inner.cancel.cancel();
+    }
+
+    /// The threads of this worker's blocking tasks.
+    pub(crate) fn blocking_threads(&self) -> &Arc<BlockingThreads> {
+        &self.inner.shared.blocking
     }
 
     /// Pushes this delivery's lease to now + `lease`. The worker already

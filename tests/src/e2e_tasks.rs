@@ -33,3 +33,14 @@ pub async fn ledger_outcome(key: String, millis: u64) -> Result<String, String> 
     crate::ledger::append("done", &key);
     Ok(key)
 }
+
+/// Records its start, then spins on its blocking thread forever and never
+/// looks at its context's cancellation: a stuck `blocking = true` task,
+/// which the worker can only abandon.
+#[stem::task(queue = "e2e_spin", blocking = true)]
+pub async fn ledger_spin(key: String) {
+    crate::ledger::append("start", &key);
+    loop {
+        std::hint::spin_loop();
+    }
+}

@@ -145,6 +145,7 @@ fn one_flag(flag: &str, value: &str) -> WorkerArgs {
         heartbeat_interval: None,
         worker_id: None,
         unknown_task_grace: None,
+        long_task_warning: None,
     };
     let slot = match flag {
         "--concurrency" => &mut args.concurrency,

@@ -37,6 +37,9 @@ pub struct WorkerConfig {
     /// build during a rolling deploy) before it is dead-lettered, counted
     /// from its enqueue time. Default 5 minutes.
     pub unknown_task_grace: Duration,
+    /// How long a task without a time limit runs before the worker logs a
+    /// warning about it (once per run). Default 10 minutes.
+    pub long_task_warning: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -55,12 +58,16 @@ impl Default for WorkerConfig {
             heartbeat_interval: Duration::from_secs(10),
             worker_id: default_worker_id(),
             unknown_task_grace: DEFAULT_UNKNOWN_TASK_GRACE,
+            long_task_warning: DEFAULT_LONG_TASK_WARNING,
         }
     }
 }
 
 /// How long an unknown task is handed back before it is dead-lettered.
 pub const DEFAULT_UNKNOWN_TASK_GRACE: Duration = Duration::from_secs(5 * 60);
+
+/// How long a task without a time limit runs before a warning is logged.
+pub const DEFAULT_LONG_TASK_WARNING: Duration = Duration::from_secs(10 * 60);
 
 /// Deliveries a worker holds per executor slot unless `prefetch` is set:
 /// the one running and three waiting (Celery's default multiplier is 4
@@ -145,6 +152,10 @@ pub struct WorkerArgs {
     /// `STEM_UNKNOWN_TASK_GRACE`).
     #[cfg_attr(feature = "cli", arg(long))]
     pub unknown_task_grace: Option<String>,
+    /// How long a task without a time limit runs before the worker logs a
+    /// warning about it, e.g. `10m` (variable `STEM_LONG_TASK_WARNING`).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub long_task_warning: Option<String>,
 }
 
 impl WorkerArgs {
@@ -173,6 +184,7 @@ impl WorkerArgs {
             "STEM_HEARTBEAT_INTERVAL" => self.heartbeat_interval.clone(),
             "STEM_WORKER_ID" => self.worker_id.clone(),
             "STEM_UNKNOWN_TASK_GRACE" => self.unknown_task_grace.clone(),
+            "STEM_LONG_TASK_WARNING" => self.long_task_warning.clone(),
             _ => None,
         })
     }
@@ -238,9 +250,14 @@ pub(crate) const UNKNOWN_TASK_GRACE: Key = key(
     "--unknown-task-grace",
     "unknown_task_grace",
 );
+pub(crate) const LONG_TASK_WARNING: Key = key(
+    "STEM_LONG_TASK_WARNING",
+    "--long-task-warning",
+    "long_task_warning",
+);
 
 /// Every setting, in the order they are read.
-const KEYS: [Key; 9] = [
+const KEYS: [Key; 10] = [
     QUEUES,
     CONCURRENCY,
     PREFETCH,
@@ -250,6 +267,7 @@ const KEYS: [Key; 9] = [
     HEARTBEAT_INTERVAL,
     WORKER_ID,
     UNKNOWN_TASK_GRACE,
+    LONG_TASK_WARNING,
 ];
 
 /// A value and where it came from; `None` when not given.
@@ -269,6 +287,7 @@ pub(crate) struct Settings {
     pub(crate) heartbeat_interval: Given<Duration>,
     pub(crate) worker_id: Given<String>,
     pub(crate) unknown_task_grace: Given<Duration>,
+    pub(crate) long_task_warning: Given<Duration>,
 }
 
 impl Settings {
@@ -284,6 +303,7 @@ impl Settings {
             heartbeat_interval: Some((config.heartbeat_interval, source)),
             worker_id: Some((config.worker_id.clone(), source)),
             unknown_task_grace: Some((config.unknown_task_grace, source)),
+            long_task_warning: Some((config.long_task_warning, source)),
         }
     }
 
@@ -329,6 +349,7 @@ impl Settings {
                 "STEM_POLL_INTERVAL" => out.poll_interval = duration()?,
                 "STEM_HEARTBEAT_INTERVAL" => out.heartbeat_interval = duration()?,
                 "STEM_UNKNOWN_TASK_GRACE" => out.unknown_task_grace = duration()?,
+                "STEM_LONG_TASK_WARNING" => out.long_task_warning = duration()?,
                 _ => out.worker_id = Some((raw.to_owned(), source)),
             }
         }
@@ -360,6 +381,7 @@ impl Settings {
             heartbeat_interval: top.heartbeat_interval.or(self.heartbeat_interval),
             worker_id: top.worker_id.or(self.worker_id),
             unknown_task_grace: top.unknown_task_grace.or(self.unknown_task_grace),
+            long_task_warning: top.long_task_warning.or(self.long_task_warning),
         }
     }
 
@@ -439,6 +461,9 @@ impl Settings {
         }
         if let Some((d, _)) = self.unknown_task_grace {
             config.unknown_task_grace = d;
+        }
+        if let Some((d, _)) = self.long_task_warning {
+            config.long_task_warning = d;
         }
         if config.prefetch < config.concurrency {
             let src = self

@@ -26,6 +26,35 @@ use crate::registry::{HandlerError, HandlerResult, TaskEntry};
 use crate::retry::RetryDirective;
 use crate::task::DeliveryMode;
 
+/// The target of the lines a task's life logs (start, outcome), so
+/// `RUST_LOG=info,stem::task=warn` keeps the worker's own lines and drops
+/// the per-task ones.
+const TASK: &str = "stem::task";
+
+/// Logs an event of a task's life at `target: stem::task`, carrying the
+/// task's name, id and attempt as fields of its own (not only through the
+/// span, which some subscribers do not show). Never its arguments or
+/// result. The macros check the level before evaluating any field.
+macro_rules! task_event {
+    ($level:ident, $envelope:expr, $attempt:expr, $($rest:tt)+) => {{
+        let envelope: &Envelope = $envelope;
+        let attempt: u32 = $attempt;
+        tracing::event!(
+            target: TASK,
+            tracing::Level::$level,
+            task.name = %envelope.name,
+            task.id = %envelope.id,
+            task.attempt = attempt,
+            $($rest)+
+        )
+    }};
+}
+
+/// Milliseconds since `clock` (read only when the task lines are on).
+fn elapsed_ms(clock: Option<Instant>) -> Option<u64> {
+    clock.map(|t| u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX))
+}
+
 /// How one run ended.
 enum Outcome {
     Finished(HandlerResult),
@@ -35,6 +64,8 @@ enum Outcome {
     Aborted,
     /// Another consumer owns the delivery now.
     LeaseLost,
+    /// Revoked while it ran (seen at a lease renewal).
+    Revoked,
 }
 
 /// One executor slot: runs the deliveries the fetcher hands over, one at
@@ -76,7 +107,12 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
         DateTime::UNIX_EPOCH
     };
     if envelope.expires_at.is_some_and(|t| t <= started_at) {
-        tracing::info!("task expired before it ran; dropped");
+        task_event!(
+            INFO,
+            envelope,
+            envelope.attempt + 1,
+            "task expired before it ran; dropped"
+        );
         let record = record(rt, envelope, envelope.attempt, started_at, || {
             let failure = TaskFailure {
                 message: format!(
@@ -110,11 +146,28 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
         ));
         return;
     }
-    let future = match (entry.handler)(ctx.clone(), &envelope.args) {
+    let handler = || (entry.handler)(ctx.clone(), &envelope.args);
+    let handled = if entry.options.blocking {
+        // The thread the handler starts is listed while it runs (see
+        // `__private::run_blocking`).
+        let guard = ctx.blocking_threads().register(envelope);
+        crate::context::offer_blocking_guard(guard, handler)
+    } else {
+        handler()
+    };
+    let future = match handled {
         Ok(f) => f,
         Err(e) => {
             let reason = format!("undecodable arguments for task `{}`: {e}", envelope.name);
-            tracing::error!(%reason, "dead-lettering task");
+            // Not the decoder's message: it may quote an argument. It is
+            // in the dead letter.
+            task_event!(
+                ERROR,
+                envelope,
+                envelope.attempt + 1,
+                args_type = e.args_type,
+                "task dead-lettered: its arguments do not decode (the decode error is in the dead letter)"
+            );
             dead_letter_now(
                 rt,
                 ctx.take_receipt(),
@@ -135,11 +188,18 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
     }
     let attempt = envelope.attempt + 1;
     rt.counters.started.fetch_add(1, Ordering::Relaxed);
+    let clock = tracing::enabled!(target: TASK, tracing::Level::INFO).then(Instant::now);
+    task_event!(INFO, envelope, attempt, "task started");
     if let Some(started) = record(rt, envelope, attempt, started_at, || TaskState::Started) {
         rt.complete(Completion::record(started));
     }
 
-    let outcome = run_with_lease(rt, entry, ctx.receipt(), future, at_most_once, renewed).await;
+    let outcome = run_with_lease(rt, entry, &ctx, future, at_most_once, renewed).await;
+    if !matches!(outcome, Outcome::Finished(_) | Outcome::Panicked(_)) {
+        // The future is dropped; code it handed work to (a blocking
+        // thread above all) learns of it here.
+        ctx.cancel();
+    }
     // The handler's future is gone: the receipt comes back without a copy
     // unless the task kept a clone of its context.
     let settle_receipt = if at_most_once {
@@ -153,19 +213,56 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
             let record = record(rt, envelope, attempt, started_at, || TaskState::Succeeded {
                 result,
             });
+            task_event!(
+                INFO,
+                envelope,
+                attempt,
+                duration_ms = elapsed_ms(clock),
+                "task succeeded"
+            );
             let settle = settle_receipt.map(|r| (r, Disposition::Ack));
             complete(rt, settle, record, envelope, Count::Succeeded);
         }
         Outcome::Finished(Err(err)) => {
-            fail(rt, settle_receipt, envelope, entry, started_at, err);
+            fail(
+                rt,
+                settle_receipt,
+                envelope,
+                entry,
+                (started_at, clock),
+                err,
+            );
         }
         Outcome::Panicked(message) => {
-            tracing::error!(%message, "task panicked");
+            task_event!(ERROR, envelope, attempt, %message, "task panicked");
             let err = HandlerError::new(FailureKind::Panic, "panic", message);
-            fail(rt, settle_receipt, envelope, entry, started_at, err);
+            fail(
+                rt,
+                settle_receipt,
+                envelope,
+                entry,
+                (started_at, clock),
+                err,
+            );
         }
         Outcome::TimedOut(limit) => {
-            tracing::warn!(?limit, "task hit its time limit; future dropped");
+            if entry.options.blocking {
+                task_event!(
+                    WARN,
+                    envelope,
+                    attempt,
+                    ?limit,
+                    "blocking task hit its time limit; its context is cancelled and its thread runs until it returns"
+                );
+            } else {
+                task_event!(
+                    WARN,
+                    envelope,
+                    attempt,
+                    ?limit,
+                    "task hit its time limit; future dropped"
+                );
+            }
             let err = HandlerError::new(
                 FailureKind::Timeout,
                 "stem::Timeout",
@@ -174,18 +271,44 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
                     humantime::format_duration(limit)
                 ),
             );
-            fail(rt, settle_receipt, envelope, entry, started_at, err);
+            fail(
+                rt,
+                settle_receipt,
+                envelope,
+                entry,
+                (started_at, clock),
+                err,
+            );
         }
         Outcome::Aborted => {
-            tracing::warn!("task stopped at the end of the shutdown grace; handed back");
+            task_event!(
+                WARN,
+                envelope,
+                attempt,
+                "task stopped at the end of the shutdown grace; handed back"
+            );
             if let Some(receipt) = settle_receipt {
                 rt.release(receipt, Duration::ZERO);
             }
         }
         Outcome::LeaseLost => {
-            tracing::warn!(
+            task_event!(
+                WARN,
+                envelope,
+                attempt,
                 "lease lost while running: another worker has the task now; stopped this run"
             );
+        }
+        Outcome::Revoked => {
+            task_event!(
+                INFO,
+                envelope,
+                attempt,
+                "task revoked while running; its context is cancelled and it is acked"
+            );
+            let record = record(rt, envelope, attempt, started_at, || TaskState::Revoked);
+            let settle = settle_receipt.map(|r| (r, Disposition::Ack));
+            complete(rt, settle, record, envelope, Count::Revoked);
         }
     }
 }
@@ -235,7 +358,13 @@ fn unknown_task(rt: &Runtime, ctx: &mut Context, now: DateTime<Utc>) {
         rt.config.worker_id,
         rt.known_names
     );
-    tracing::error!(%reason, "dead-lettering task");
+    task_event!(
+        ERROR,
+        envelope,
+        envelope.attempt + 1,
+        %reason,
+        "task dead-lettered: unknown task name"
+    );
     let receipt = ctx.take_receipt();
     dead_letter_now(
         rt,
@@ -252,11 +381,12 @@ fn unknown_task(rt: &Runtime, ctx: &mut Context, now: DateTime<Utc>) {
 async fn run_with_lease(
     rt: &Runtime,
     entry: &TaskEntry,
-    receipt: &Receipt,
+    ctx: &Context,
     future: crate::registry::HandlerFuture,
     at_most_once: bool,
     renewed: Instant,
 ) -> Outcome {
+    let receipt = ctx.receipt();
     let lease = entry.lease_or(rt.config.lease);
     if !at_most_once
         && lease > rt.config.lease
@@ -290,18 +420,53 @@ async fn run_with_lease(
     let period = lease::renew_period(lease);
     let mut keepalive = tokio::time::interval_at((renewed + period).into(), period);
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A task without a time limit that runs far longer than expected is
+    // logged once (polled only for such tasks).
+    let mut warn_long = entry.options.timeout.is_none();
+    let long = tokio::time::sleep(rt.config.long_task_warning);
+    tokio::pin!(long);
     loop {
         tokio::select! {
             biased;
             () = rt.abort.cancelled() => return Outcome::Aborted,
             r = &mut timed => return finished(r),
+            () = &mut long, if warn_long => {
+                warn_long = false;
+                task_event!(
+                    WARN,
+                    ctx.envelope(),
+                    ctx.attempt(),
+                    running_for = %humantime::format_duration(rt.config.long_task_warning),
+                    "task still running past the long-task warning and it has no time limit (STEM_LONG_TASK_WARNING); logged once"
+                );
+            }
             _ = keepalive.tick(), if !at_most_once => {
                 match rt.broker.extend_lease(receipt, lease).await {
                     Ok(()) => {}
                     Err(BrokerError::LeaseLost { .. }) => return Outcome::LeaseLost,
                     Err(e) => tracing::warn!(error = %e, "could not extend lease; will retry"),
                 }
+                // Revocation is learned where the lease is renewed: one
+                // look-up per renewal period, only for a task still running.
+                if revoked(rt, receipt).await {
+                    return Outcome::Revoked;
+                }
             }
+        }
+    }
+}
+
+/// Whether the running task was revoked (false without a backend, or when
+/// the backend cannot say: the task keeps running).
+async fn revoked(rt: &Runtime, receipt: &Receipt) -> bool {
+    let Some(backend) = &rt.backend else {
+        return false;
+    };
+    match backend.revoked(&[receipt.task_id]).await {
+        Ok(flags) => flags.first().copied().unwrap_or(false),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not check whether the running task was revoked");
+            false
         }
     }
 }
@@ -323,14 +488,21 @@ fn fail(
     receipt: Option<Receipt>,
     envelope: &Envelope,
     entry: &TaskEntry,
-    started_at: DateTime<Utc>,
+    (started_at, clock): (DateTime<Utc>, Option<Instant>),
     err: HandlerError,
 ) {
     let attempt = envelope.attempt + 1;
     let failure = err.failure;
     let Some(receipt) = receipt else {
         // At-most-once: already acked, never retried.
-        tracing::warn!(error = %failure, "at-most-once task failed; not retried");
+        task_event!(
+            WARN,
+            envelope,
+            attempt,
+            error = %failure,
+            duration_ms = elapsed_ms(clock),
+            "task failed; at-most-once, not retried"
+        );
         let record = record(rt, envelope, attempt, started_at, || TaskState::Failed {
             error: failure,
         });
@@ -348,7 +520,15 @@ fn fail(
         Some(delay) => {
             let next_at =
                 Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX);
-            tracing::info!(error = %failure, retry_in = ?delay, "attempt failed; retrying");
+            task_event!(
+                INFO,
+                envelope,
+                attempt,
+                error = %failure,
+                retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                duration_ms = elapsed_ms(clock),
+                "task failed; retrying"
+            );
             let record = record(rt, envelope, attempt, started_at, || TaskState::Retrying {
                 next_at,
                 error: failure,
@@ -374,7 +554,15 @@ fn fail(
                     envelope.max_retries + 1
                 )
             };
-            tracing::error!(error = %failure, %reason, "task failed; dead-lettering");
+            task_event!(
+                ERROR,
+                envelope,
+                attempt,
+                error = %failure,
+                %reason,
+                duration_ms = elapsed_ms(clock),
+                "task failed; dead-lettered"
+            );
             let record = record(rt, envelope, attempt, started_at, || TaskState::Failed {
                 error: failure,
             });

@@ -53,8 +53,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{
-    DEFAULT_UNKNOWN_TASK_GRACE, PREFETCH_PER_SLOT, WorkerArgs, WorkerConfig, default_worker_id,
-    host_name,
+    DEFAULT_LONG_TASK_WARNING, DEFAULT_UNKNOWN_TASK_GRACE, PREFETCH_PER_SLOT, WorkerArgs,
+    WorkerConfig, default_worker_id, host_name,
 };
 
 use crate::backend::ResultBackend;
@@ -276,6 +276,14 @@ impl WorkerBuilder {
         self
     }
 
+    /// How long a task without a time limit runs before the worker logs a
+    /// warning about it, once per run (`STEM_LONG_TASK_WARNING`).
+    #[must_use]
+    pub fn long_task_warning(mut self, after: Duration) -> Self {
+        self.settings.long_task_warning = Some((after, config::Source::Builder));
+        self
+    }
+
     /// Lease per delivery.
     #[must_use]
     pub fn lease(mut self, lease: Duration) -> Self {
@@ -394,6 +402,7 @@ impl Worker {
             states: self.states,
             cancel: abort.clone(),
             worker_id: Arc::clone(&worker_id),
+            blocking: Arc::default(),
         });
         let rt = Arc::new(Runtime {
             broker: Arc::clone(self.client.broker()),

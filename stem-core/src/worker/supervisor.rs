@@ -5,6 +5,7 @@
 //! completer last so nothing finished is lost.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
@@ -62,6 +63,7 @@ pub(crate) async fn supervise(
         rt.abort.cancel();
         rt.tracker.wait().await;
     }
+    abandon_stuck_threads(&rt).await;
     if let Err(e) = maintenance.await {
         tracing::error!(error = %e, "maintenance ended abnormally");
     }
@@ -74,4 +76,26 @@ pub(crate) async fn supervise(
     let report = counters.report();
     tracing::info!(?report, "worker stopped");
     report
+}
+
+/// How long the supervisor waits, once every slot is done, for the
+/// threads of blocking tasks told to stop (time limit, end of the grace).
+const BLOCKING_STOP_WAIT: Duration = Duration::from_secs(1);
+
+/// Blocking threads still running once the slots are done ignore their
+/// cancellation: a thread cannot be killed, so after a short wait they
+/// are named and abandoned (they are detached: the process exits without
+/// them). Their deliveries were already settled or handed back.
+async fn abandon_stuck_threads(rt: &Runtime) {
+    let threads = &rt.ctx_shared.blocking;
+    if threads.wait_idle(BLOCKING_STOP_WAIT).await {
+        return;
+    }
+    for (id, name) in threads.running() {
+        tracing::warn!(
+            task.name = %name,
+            task.id = %id,
+            "blocking task still running after it was cancelled: its thread is abandoned (check ctx.is_cancelled() in its loops); the worker stops without it"
+        );
+    }
 }

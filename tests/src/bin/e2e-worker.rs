@@ -1,11 +1,19 @@
 //! A worker process for the multi-process tests: runs the ledger tasks on
 //! the broker named by `STEM_BROKER_URL`, and prints its final counts on
 //! stdout as one line (`report succeeded=N failed=N ...`) when it stops.
+//! With `RUST_LOG` set, it logs to stderr (tests read the lines).
 
 use std::io::Write;
 
 #[tokio::main]
 async fn main() -> Result<(), stem::worker::WorkerError> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init();
+    }
     tracing::debug!(task = stem_tests::e2e_tasks::ledger_noop::NAME, "linked");
     let r = stem::worker::run().await?;
     let line = format!(
