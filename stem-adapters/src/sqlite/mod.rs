@@ -44,12 +44,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use backend::SqliteBackend;
+pub use broker::SqliteBroker;
 /// The rusqlite this adapter links, for `Broker::publish_in`: open a
 /// `rusqlite::Connection` on the same file, `BEGIN`, write your rows,
 /// publish with `broker.publish_in(&mut conn, envelopes)`, then `COMMIT`;
 /// the tasks exist if and only if the commit does.
 pub use rusqlite;
-pub use broker::SqliteBroker;
 
 use stem_core::StemError;
 use stem_core::error::ConfigError;
