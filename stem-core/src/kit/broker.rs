@@ -20,19 +20,19 @@ use crate::envelope::{Envelope, TaskId, Unique, UniqueRelease};
 use crate::error::BrokerError;
 
 /// The lease most cases take.
-const LEASE: Duration = Duration::from_millis(400);
+pub(super) const LEASE: Duration = Duration::from_millis(400);
 
 /// A long lease, for cases that must not see re-deliveries.
-const LONG_LEASE: Duration = Duration::from_secs(30);
+pub(super) const LONG_LEASE: Duration = Duration::from_secs(30);
 
 /// A test envelope on `queue` carrying `{"n": n}`.
-fn job(queue: &str, n: u64) -> Envelope {
+pub(super) fn job(queue: &str, n: u64) -> Envelope {
     Envelope::new("kit::job", queue, serde_json::json!({ "n": n }))
         .unwrap_or_else(|e| panic!("kit envelope is valid: {e}"))
 }
 
 /// The `n` a [`job`] carries.
-fn n_of(env: &Envelope) -> u64 {
+pub(super) fn n_of(env: &Envelope) -> u64 {
     let v: serde_json::Value = serde_json::from_str(env.args.get())
         .unwrap_or_else(|e| panic!("delivered args are JSON: {e}"));
     v["n"]
@@ -40,25 +40,25 @@ fn n_of(env: &Envelope) -> u64 {
         .unwrap_or_else(|| panic!("delivered args lost their `n`: {}", env.args.get()))
 }
 
-fn req(queues: &[&str], max: usize, lease: Duration) -> FetchRequest {
+pub(super) fn req(queues: &[&str], max: usize, lease: Duration) -> FetchRequest {
     FetchRequest::new(queues.iter().copied(), max).lease(lease)
 }
 
-async fn publish(b: &dyn Broker, env: Envelope) -> TaskId {
+pub(super) async fn publish(b: &dyn Broker, env: Envelope) -> TaskId {
     match b.publish(env).await {
         Ok(Published::Stored(id)) => id,
         other => panic!("publish should store the envelope, got {other:?}"),
     }
 }
 
-async fn fetch(b: &dyn Broker, r: &FetchRequest) -> Vec<Delivery> {
+pub(super) async fn fetch(b: &dyn Broker, r: &FetchRequest) -> Vec<Delivery> {
     b.fetch(r)
         .await
         .unwrap_or_else(|e| panic!("fetch failed: {e}"))
 }
 
 /// Fetches until `n` deliveries arrived or `within` passed.
-async fn fetch_n(
+pub(super) async fn fetch_n(
     b: &dyn Broker,
     queues: &[&str],
     n: usize,
@@ -90,7 +90,7 @@ async fn assert_nothing(b: &dyn Broker, queues: &[&str], during: Duration, why: 
     );
 }
 
-async fn stats(b: &dyn Broker, queue: &str) -> QueueStats {
+pub(super) async fn stats(b: &dyn Broker, queue: &str) -> QueueStats {
     b.stats(queue)
         .await
         .unwrap_or_else(|e| panic!("stats failed: {e}"))
@@ -1415,7 +1415,7 @@ pub async fn b16_bad_input(f: &dyn AdapterFactory) {
     .await;
 }
 
-fn unique_job(
+pub(super) fn unique_job(
     queue: &str,
     n: u64,
     key: &str,

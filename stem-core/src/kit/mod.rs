@@ -77,6 +77,7 @@
 pub mod backend;
 pub mod broker;
 mod ops;
+pub mod settle;
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -281,8 +282,11 @@ macro_rules! conformance_tests {
             broker::b02_at_least_once,
             broker::b03_exclusive_lease,
             broker::b04_ack_final_and_fenced,
+            settle::b04_settle_batch_settles_each,
             broker::b05_extend_lease,
             broker::b06_nack_and_dead_letter,
+            settle::b06_envelope_round_trip,
+            settle::b06_settle_keeps_priority_and_unique_key,
             broker::b07_dead_letters,
             broker::b08_delay,
             broker::b09_priority,
@@ -290,6 +294,7 @@ macro_rules! conformance_tests {
             broker::b11_broadcast,
             broker::b12_namespaces,
             broker::b13_stats_and_purge,
+            settle::b13_purge_is_per_queue_and_stats_see_expiry,
             broker::b14_batch,
             broker::b15_reconnect,
             broker::b16_bad_input,
