@@ -603,7 +603,6 @@ pub async fn r6_heartbeats(f: &dyn AdapterFactory) {
         b.heartbeat(heartbeat("kit-w2", Duration::from_secs(3600)))
             .await
             .expect("heartbeat");
-        let beat_at = Instant::now();
 
         let workers = b.workers().await.expect("workers");
         let w1 = workers
@@ -623,6 +622,8 @@ pub async fn r6_heartbeats(f: &dyn AdapterFactory) {
         // Newer heartbeats replace older ones.
         let mut busier = heartbeat("kit-w1", interval);
         busier.active = 7;
+        let last_seen = busier.at;
+        let beat_at = Instant::now();
         b.heartbeat(busier).await.expect("heartbeat");
         let workers = b.workers().await.expect("workers");
         assert_eq!(
@@ -641,6 +642,17 @@ pub async fn r6_heartbeats(f: &dyn AdapterFactory) {
             Some(7)
         );
 
+        // Silent for two and a half intervals: still alive (dead means three).
+        tokio::time::sleep(interval * 5 / 2).await;
+        let silent = (Utc::now() - last_seen).to_std().unwrap_or_default();
+        let still = alive(&*b, "kit-w1").await;
+        if silent + Duration::from_millis(20) < interval * 3 {
+            assert_eq!(
+                still,
+                Some(true),
+                "reported dead after {silent:?} of silence, under 3 intervals of {interval:?}"
+            );
+        }
         eventually(
             "a silent worker to be reported dead",
             interval * 3 + f.tick() + Duration::from_secs(3),
@@ -651,7 +663,7 @@ pub async fn r6_heartbeats(f: &dyn AdapterFactory) {
         )
         .await;
         assert!(
-            beat_at.elapsed() + Duration::from_millis(50) >= interval * 2,
+            beat_at.elapsed() + Duration::from_millis(50) >= interval * 3,
             "reported dead after {:?}, sooner than 3 intervals of {interval:?}",
             beat_at.elapsed()
         );
