@@ -9,9 +9,8 @@ use serde::de::DeserializeOwned;
 use crate::retry::Backoff;
 
 /// The rules of task options (queue names, priorities, rate limits), the
-/// same file `#[stem::task]` checks them with at compile time.
-#[path = "../../stem-macros/src/rules.rs"]
-pub mod rules;
+/// same crate `#[stem::task]` checks them with at compile time.
+pub use stem_rules as rules;
 
 /// Whether a task is acked before or after it runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -13,9 +13,7 @@ mod ast;
 mod attr;
 mod check;
 mod expand;
-// Shared with stem-core, where these items are public API.
-#[allow(unreachable_pub)]
-mod rules;
+use stem_rules as rules;
 
 use proc_macro::TokenStream;
 

@@ -1,9 +1,12 @@
 //! The rules a task's options follow, written once: `#[stem::task]` checks
-//! them at compile time (this file is a module of `stem-macros`) and
-//! `stem-core` checks them at run time (its `task.rs` includes this file
-//! with `#[path]` as `stem_core::task::rules`).
+//! them at compile time and `stem-core` at run time (re-exported as
+//! `stem_core::task::rules`). A crate of its own so that both can depend
+//! on it and each packages on its own.
 //!
-//! Only `std` and `humantime`, which both crates depend on.
+//! ```
+//! assert!(stem_rules::is_valid_queue_name("emails.high"));
+//! assert!(!stem_rules::is_valid_queue_name("bad queue"));
+//! ```
 
 use std::time::Duration;
 
