@@ -15,7 +15,7 @@ impl SqliteFactory {
     fn path(opts: &KitOptions) -> PathBuf {
         std::env::temp_dir()
             .join("stem-kit")
-            .join(format!("{}.db", opts.namespace))
+            .join(format!("{}.db", opts.storage))
     }
 
     fn options(opts: &KitOptions) -> SqliteOptions {

@@ -956,7 +956,7 @@ pub async fn b11_broadcast(f: &dyn AdapterFactory) {
 /// broadcasts, unique keys or results.
 pub async fn b12_namespaces(f: &dyn AdapterFactory) {
     let oa = KitOptions::new(f.name(), "b12");
-    let ob = KitOptions::new(f.name(), "b12_other");
+    let ob = oa.beside("b12_other");
     guarded(f, &[&oa, &ob], async {
         let a = f.broker(&oa).await;
         let b = f.broker(&ob).await;

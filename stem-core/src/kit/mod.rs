@@ -105,6 +105,11 @@ pub struct KitOptions {
     /// Unique per case: `kit_<adapter>_<case>_<random>`. Every key, table,
     /// channel and result of the case lives under it.
     pub namespace: String,
+    /// Where the case's data lives: one file, database or server key space
+    /// that every namespace of the case shares (B12 is only a test when two
+    /// namespaces share storage). Factories key their storage by this, not
+    /// by the namespace.
+    pub storage: String,
     /// The envelope size limit to open the broker with (B16). 64 KiB.
     pub max_envelope_bytes: usize,
     /// How long dead letters are kept (B7): 7 days, 1 s in the retention case.
@@ -126,10 +131,29 @@ impl KitOptions {
         Self {
             adapter,
             case: case.to_owned(),
+            storage: namespace.clone(),
             namespace,
             max_envelope_bytes: 64 * 1024,
             dead_letter_retention: DEFAULT_DEAD_LETTER_RETENTION,
         }
+    }
+
+    /// A second namespace of the same case on the same storage, named so
+    /// the two collide as prefixes (`<ns>` and `<ns>2`): an adapter that
+    /// matches namespaces by prefix, or ignores them, fails B12.
+    ///
+    /// ```
+    /// let a = stem_core::kit::KitOptions::new("sqlite", "b12");
+    /// let b = a.beside("b12_other");
+    /// assert_eq!(a.storage, b.storage);
+    /// assert!(b.namespace.starts_with(&a.namespace));
+    /// ```
+    #[must_use]
+    pub fn beside(&self, case: &str) -> Self {
+        let mut other = self.clone();
+        other.case = case.to_owned();
+        other.namespace = format!("{}2", self.namespace);
+        other
     }
 
     /// Sets the dead-letter retention.
