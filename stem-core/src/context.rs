@@ -358,7 +358,7 @@ impl Context {
 
     /// The receipt, to settle the delivery with (a receipt is a few words
     /// and a shared queue name: cloning it copies no string).
-    pub(crate) fn take_receipt(&mut self) -> Receipt {
+    pub(crate) fn owned_receipt(&self) -> Receipt {
         self.inner.receipt.clone()
     }
 

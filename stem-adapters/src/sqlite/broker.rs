@@ -917,7 +917,7 @@ impl Broker for SqliteBroker {
                 Ok(out)
             })
             .await;
-        answers(receipts, changed)
+        answers(receipts.iter(), changed)
     }
 
     async fn settle(&self, batch: &[Settlement]) -> Vec<Result<(), BrokerError>> {
@@ -977,15 +977,7 @@ impl Broker for SqliteBroker {
         if records {
             self.shared.wake.signal(Kind::Results);
         }
-        let receipts: Vec<&Receipt> = batch.iter().map(|s| &s.receipt).collect();
-        match done {
-            Ok(done) => done
-                .into_iter()
-                .zip(receipts)
-                .map(|(ok, r)| if ok { Ok(()) } else { Err(r.lost()) })
-                .collect(),
-            Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
-        }
+        answers(batch.iter().map(|s| &s.receipt), done)
     }
 
     fn stores_results_of(&self, backend: &dyn ResultBackend) -> bool {
@@ -1356,8 +1348,8 @@ impl Broadcast for SqliteBroker {
 }
 
 /// One answer per receipt from a batch of fenced writes.
-fn answers(
-    receipts: &[Receipt],
+fn answers<'a>(
+    receipts: impl Iterator<Item = &'a Receipt>,
     done: Result<Vec<bool>, BrokerError>,
 ) -> Vec<Result<(), BrokerError>> {
     match done {
@@ -1366,7 +1358,7 @@ fn answers(
             .zip(receipts)
             .map(|(ok, r)| if ok { Ok(()) } else { Err(r.lost()) })
             .collect(),
-        Err(e) => receipts.iter().map(|_| Err(e.clone())).collect(),
+        Err(e) => receipts.map(|_| Err(e.clone())).collect(),
     }
 }
 

@@ -71,13 +71,10 @@ enum Outcome {
 /// One executor slot: runs the deliveries the fetcher hands over, one at
 /// a time. Ends when the fetcher is gone and nothing is left to run.
 pub(crate) async fn slot(rt: Arc<Runtime>) {
-    while let Some(Queued {
-        mut ctx, renewed, ..
-    }) = rt.dispatch.next().await
-    {
+    while let Some(Queued { ctx, renewed, .. }) = rt.dispatch.next().await {
         // From shutdown on, nothing new starts: it goes back to the queue.
         if rt.dispatch.is_aborted() || rt.stop.is_cancelled() {
-            rt.release(ctx.take_receipt(), Duration::ZERO);
+            rt.release(ctx.owned_receipt(), Duration::ZERO);
         } else if let Some(renewed) = lease::still_leased(&rt, &ctx, renewed).await {
             execute(&rt, ctx, renewed).await;
         }
@@ -97,7 +94,7 @@ async fn execute(rt: &Runtime, ctx: Context, renewed: Instant) {
     run_delivery(rt, ctx, renewed).instrument(span).await;
 }
 
-async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
+async fn run_delivery(rt: &Runtime, ctx: Context, renewed: Instant) {
     let envelope = ctx.envelope();
     // The clock is read only when something needs it: an expiry to check
     // or records to write (`started_at` goes nowhere without a backend).
@@ -126,7 +123,7 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
         });
         complete(
             rt,
-            Some((ctx.take_receipt(), Disposition::Ack)),
+            Some((ctx.owned_receipt(), Disposition::Ack)),
             record,
             ctx.envelope(),
             Count::Failed,
@@ -134,13 +131,13 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
         return;
     }
     let Some(entry) = rt.tasks.get(envelope.name.as_str()).copied() else {
-        unknown_task(rt, &mut ctx, started_at);
+        unknown_task(rt, &ctx, started_at);
         return;
     };
     if let Some(wait) = rt.rates.acquire(entry.name) {
         tracing::debug!(?wait, "rate limited; handed back");
         rt.complete(Completion::settle(
-            ctx.take_receipt(),
+            ctx.owned_receipt(),
             Disposition::Release { after: wait },
             Count::Nothing,
         ));
@@ -170,7 +167,7 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
             );
             dead_letter_now(
                 rt,
-                ctx.take_receipt(),
+                ctx.owned_receipt(),
                 ctx.envelope(),
                 started_at,
                 reason,
@@ -205,7 +202,7 @@ async fn run_delivery(rt: &Runtime, mut ctx: Context, renewed: Instant) {
     let settle_receipt = if at_most_once {
         None
     } else {
-        Some(ctx.take_receipt())
+        Some(ctx.owned_receipt())
     };
     let envelope = ctx.envelope();
     match outcome {
@@ -322,7 +319,7 @@ const UNKNOWN_TASK_BACKOFF: Duration = Duration::from_secs(5);
 /// A task this worker has no handler for: handed back without charging an
 /// attempt while it is younger than the grace (another worker may know it),
 /// dead-lettered with the reason after.
-fn unknown_task(rt: &Runtime, ctx: &mut Context, now: DateTime<Utc>) {
+fn unknown_task(rt: &Runtime, ctx: &Context, now: DateTime<Utc>) {
     let envelope = ctx.envelope();
     let grace = rt.config.unknown_task_grace;
     let age = (Utc::now() - envelope.enqueued_at)
@@ -345,7 +342,7 @@ fn unknown_task(rt: &Runtime, ctx: &mut Context, now: DateTime<Utc>) {
         }
         let after = UNKNOWN_TASK_BACKOFF.min(grace - age);
         rt.complete(Completion::settle(
-            ctx.take_receipt(),
+            ctx.owned_receipt(),
             Disposition::Release { after },
             Count::Nothing,
         ));
@@ -365,7 +362,7 @@ fn unknown_task(rt: &Runtime, ctx: &mut Context, now: DateTime<Utc>) {
         %reason,
         "task dead-lettered: unknown task name"
     );
-    let receipt = ctx.take_receipt();
+    let receipt = ctx.owned_receipt();
     dead_letter_now(
         rt,
         receipt,

@@ -33,8 +33,8 @@ pub(crate) fn hand_back_queued(rt: &Runtime) {
             "shutdown: requeueing deliveries that had not started"
         );
     }
-    for mut t in queued {
-        rt.release(t.ctx.take_receipt(), Duration::ZERO);
+    for t in queued {
+        rt.release(t.ctx.owned_receipt(), Duration::ZERO);
         rt.dispatch.finished();
     }
 }
