@@ -67,5 +67,13 @@ impl AdapterFactory for MemoryFactory {
 mod conformance {
     use super::*;
 
-    stem_core::conformance_tests!(memory, MemoryFactory);
+    stem_core::conformance_tests!(
+        memory,
+        MemoryFactory,
+        unsupported {
+            b01_durable_publish: "memory keeps data in process memory: nothing survives a restart",
+            b15_reconnect: "memory has no connection to lose",
+            b18_server_time: "memory has no server clock, only the process clock",
+        }
+    );
 }

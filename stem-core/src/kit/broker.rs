@@ -1197,23 +1197,38 @@ pub async fn b14_batch(f: &dyn AdapterFactory) {
             r.expect("ack_many");
         }
 
-        // Speed: per envelope, a batch is no slower than single publishes
-        // (with a margin for timer noise).
-        let singles: Vec<Envelope> = (0..N).map(|n| job("speed-one", n)).collect();
-        let started = Instant::now();
-        for e in singles {
-            publish(&*b, e).await;
+        // Speed: per envelope, a batch is no slower than single publishes.
+        // Rounds of 1,000 alternate (singles, batch, singles, batch, ...)
+        // and the medians are compared, so one slow moment of a shared
+        // machine cannot decide the outcome, while a batch written as a loop
+        // of single round trips (or slower) still fails.
+        const SPEED: u64 = 1_000;
+        const ROUNDS: usize = 3;
+        let mut singles = Vec::with_capacity(ROUNDS);
+        let mut batches = Vec::with_capacity(ROUNDS);
+        for round in 0..ROUNDS {
+            let one: Vec<Envelope> = (0..SPEED).map(|n| job("speed-one", n)).collect();
+            let started = Instant::now();
+            for e in one {
+                publish(&*b, e).await;
+            }
+            singles.push(started.elapsed());
+            let many: Vec<Envelope> = (0..SPEED).map(|n| job("speed-many", n)).collect();
+            let started = Instant::now();
+            b.publish_many(many).await.expect("publish_many");
+            batches.push(started.elapsed());
+            assert_eq!(
+                stats(&*b, "speed-many").await.ready,
+                SPEED * (round as u64 + 1)
+            );
         }
-        let one_by_one = started.elapsed();
-        let batch: Vec<Envelope> = (0..N).map(|n| job("speed-many", n)).collect();
-        let started = Instant::now();
-        b.publish_many(batch).await.expect("publish_many");
-        let batched = started.elapsed();
+        let one_by_one = median(&mut singles);
+        let batched = median(&mut batches);
         assert!(
             batched <= one_by_one.mul_f64(1.5) + Duration::from_millis(5),
-            "publish_many of {N} took {batched:?}, {N} publishes took {one_by_one:?}"
+            "publish_many of {SPEED} took {batched:?} (median of {ROUNDS}: {batches:?}), \
+             {SPEED} publishes took {one_by_one:?} ({singles:?})"
         );
-        assert_eq!(stats(&*b, "speed-many").await.ready, N);
 
         // Atomicity.
         if !b.capabilities().atomic_batch {
@@ -1268,12 +1283,13 @@ pub async fn b15_reconnect(f: &dyn AdapterFactory) {
             e.id = *id;
             publish(&*b, e).await;
         }
-        if f.disrupt(&o).await.is_none() {
-            return eprintln!(
-                "SKIP {} B15: the factory cannot restart the server",
-                f.name()
-            );
-        }
+        assert!(
+            f.disrupt(&o).await.is_some(),
+            "{} declares `reconnect: true` but its factory cannot disrupt the server: \
+             implement AdapterFactory::disrupt (a restart or a connection kill), or \
+             declare `reconnect: false` and list b15_reconnect as unsupported",
+            f.name()
+        );
         // The same client resumes on its own; errors while it reconnects are
         // allowed, losing envelopes is not.
         let until = Instant::now() + Duration::from_secs(30);
@@ -1705,4 +1721,10 @@ pub async fn b18_server_time(f: &dyn AdapterFactory) {
             .expect("the live lease is intact");
     })
     .await;
+}
+
+/// The median of a few durations (sorts them in place).
+fn median(samples: &mut [Duration]) -> Duration {
+    samples.sort_unstable();
+    samples[samples.len() / 2]
 }

@@ -63,14 +63,22 @@
 //! - Durations are short and real (leases of 300-500 ms, retention and TTLs
 //!   of 1 s); cases wait for conditions with a deadline rather than sleeping
 //!   a fixed time where the contract allows it.
-//! - A clause whose capability the adapter declares false prints exactly one
-//!   line, `SKIP <adapter> <clause>: <reason>`, and passes. B1 (durable),
-//!   B8 (delay), B9 (priority), B10 (many queues), B11 (broadcast), B15
-//!   (reconnect), B17 (unique) and B18 (server time) skip this way. B14 always
-//!   checks order and that a batch is at least as fast per envelope as single
-//!   publishes; only its atomicity half is skipped (with the same one line)
-//!   when `atomic_batch` is false. Cases that use delays or unique keys inside
-//!   other clauses (B12, B13) leave those parts out when the capability is off.
+//! - A clause whose capability the adapter declares false (only those in
+//!   [`OPTIONAL_CLAUSES`]: B1 durable, B8 delay, B9 priority, B10 many
+//!   queues, B11 broadcast, B15 reconnect, B17 unique, B18 server time) is
+//!   listed in the test file's `unsupported { clause: "reason" }` and runs
+//!   as an `#[ignore = "reason"]` test: a plain `cargo test` prints
+//!   `ignored, <reason>` on its line. `unsupported_clauses_match_capabilities`
+//!   fails when that list and the broker's capabilities disagree. Run by
+//!   hand (`--ignored`), such a clause prints `SKIP <adapter> <clause>:
+//!   <reason>` and passes.
+//! - Parts of clauses print the same SKIP line: B14's atomicity half when
+//!   `atomic_batch` is false, B06's priority and unique parts, and the delay
+//!   and unique parts of B12 and B13. B14 always checks order and that a
+//!   batch is at least as fast per envelope as single publishes (medians of
+//!   three rounds of 1,000).
+//! - A clause the adapter declares supported must really run: B15 fails when
+//!   the factory cannot [`disrupt`](AdapterFactory::disrupt).
 //! - Test harness output is captured by `cargo test`; pass `--nocapture` to
 //!   see the SKIP lines.
 
@@ -191,8 +199,9 @@ pub trait AdapterFactory: Send + Sync + 'static {
     }
 
     /// B15 only: restarts the server (or drops every connection) and
-    /// returns once it is reachable again. `None`: this factory cannot, and
-    /// B15 is skipped.
+    /// returns once it is reachable again. `None`: this factory cannot; B15
+    /// then fails unless the adapter declares `reconnect: false` and lists
+    /// `b15_reconnect` as unsupported.
     async fn disrupt(&self, opts: &KitOptions) -> Option<()> {
         let _ = opts;
         None
@@ -290,6 +299,77 @@ where
     }
 }
 
+/// The clauses an adapter may declare unsupported, each with the
+/// [`Capabilities`](crate::Capabilities) field that says so. Every other
+/// clause (B2..B7, B12..B14, B16, R1..R7) must pass on every adapter.
+pub const OPTIONAL_CLAUSES: &[(&str, &str)] = &[
+    ("b01_durable_publish", "durable"),
+    ("b08_delay", "delay"),
+    ("b09_priority", "priority"),
+    ("b10_many_queues", "many_queues"),
+    ("b11_broadcast", "broadcast"),
+    ("b15_reconnect", "reconnect"),
+    ("b17_unique", "unique"),
+    ("b18_server_time", "server_time"),
+];
+
+/// Whether `caps` has the capability named by its field name.
+fn has(caps: &crate::Capabilities, capability: &str) -> bool {
+    match capability {
+        "durable" => caps.durable,
+        "delay" => caps.delay,
+        "priority" => caps.priority,
+        "many_queues" => caps.many_queues,
+        "broadcast" => caps.broadcast,
+        "reconnect" => caps.reconnect,
+        "unique" => caps.unique,
+        "server_time" => caps.server_time,
+        other => panic!("the kit knows no capability `{other}`"),
+    }
+}
+
+/// Checks that the clauses an adapter's test file lists as unsupported
+/// (and so emits as `#[ignore]`d tests) are exactly those whose capability
+/// its broker declares false. The expansion of
+/// [`conformance_tests!`](crate::conformance_tests) runs this as
+/// `<adapter>::unsupported_clauses_match_capabilities`.
+///
+/// # Panics
+/// When a listed clause is not optional, or the list and the capabilities
+/// disagree either way.
+pub async fn check_unsupported(f: &dyn AdapterFactory, listed: &[&str]) {
+    let o = KitOptions::new(f.name(), "capabilities");
+    guarded(f, &[&o], async {
+        let caps = f.broker(&o).await.capabilities();
+        for clause in listed {
+            assert!(
+                OPTIONAL_CLAUSES.iter().any(|(c, _)| c == clause),
+                "{clause} is listed as unsupported by {}, but only these clauses may be: {:?}",
+                f.name(),
+                OPTIONAL_CLAUSES.iter().map(|(c, _)| *c).collect::<Vec<_>>()
+            );
+        }
+        for (clause, capability) in OPTIONAL_CLAUSES {
+            let declared = has(&caps, capability);
+            let skipped = listed.contains(clause);
+            assert!(
+                !(declared && skipped),
+                "{} declares `{capability}: true` but lists {clause} as unsupported: \
+                 remove it from the list so the clause runs",
+                f.name()
+            );
+            assert!(
+                declared || skipped,
+                "{} declares `{capability}: false` but does not list {clause} as \
+                 unsupported: add `{clause}: \"<why>\"` to conformance_tests!'s \
+                 `unsupported {{ .. }}` so the skip shows in `cargo test`",
+                f.name()
+            );
+        }
+    })
+    .await;
+}
+
 /// Expands to one `#[test]` per contract clause for an adapter, in a module
 /// named after it: `conformance_tests!(memory, MemoryFactory)` gives
 /// `memory::b01_durable_publish` ... `memory::r7_revocation`.
@@ -298,10 +378,26 @@ where
 /// evaluated inside the generated module (which starts with `use super::*;`)
 /// once per test. See the [`kit`](crate::kit) module docs for a complete
 /// example.
+///
+/// Clauses the adapter cannot support (only those in [`OPTIONAL_CLAUSES`])
+/// are listed with the reason, and become `#[ignore = "<reason>"]` tests, so
+/// a plain `cargo test` shows `ignored, <reason>` on their lines:
+///
+/// ```ignore
+/// stem_core::conformance_tests!(memory, MemoryFactory, unsupported {
+///     b01_durable_publish: "data lives in process memory",
+/// });
+/// ```
+///
+/// One more test, `unsupported_clauses_match_capabilities`, fails when the
+/// list and the broker's [`Capabilities`](crate::Capabilities) disagree.
 #[macro_export]
 macro_rules! conformance_tests {
-    ($adapter:ident, $factory:expr) => {
-        $crate::conformance_tests!(@cases $adapter, $factory;
+    ($adapter:ident, $factory:expr $(,)?) => {
+        $crate::conformance_tests!($adapter, $factory, unsupported {});
+    };
+    ($adapter:ident, $factory:expr, unsupported { $($skip:ident : $reason:literal),* $(,)? } $(,)?) => {
+        $crate::conformance_tests!(@cases ($) $adapter, $factory; [$($skip : $reason),*];
             broker::b01_durable_publish,
             broker::b02_at_least_once,
             broker::b03_exclusive_lease,
@@ -333,19 +429,34 @@ macro_rules! conformance_tests {
             backend::r7_revocation,
         );
     };
-    (@cases $adapter:ident, $factory:expr; $($module:ident :: $case:ident),* $(,)?) => {
+    (@cases ($d:tt) $adapter:ident, $factory:expr; [$($skip:ident : $reason:literal),*];
+        $($module:ident :: $case:ident),* $(,)?) => {
         mod $adapter {
             #[allow(unused_imports)]
             use super::*;
+
+            // One arm per unsupported clause (matched by name), then the rest.
+            macro_rules! __stem_kit_case {
+                $( ($skip, $d($d item:tt)*) => { #[test] #[ignore = $reason] $d($d item)* }; )*
+                ($d other:ident, $d($d item:tt)*) => { #[test] $d($d item)* };
+            }
+
             $(
-                #[test]
-                fn $case() {
+                __stem_kit_case!($case, fn $case() {
                     let factory = $factory;
                     $crate::kit::run(async move {
                         $crate::kit::$module::$case(&factory).await;
                     });
-                }
+                });
             )*
+
+            #[test]
+            fn unsupported_clauses_match_capabilities() {
+                let factory = $factory;
+                $crate::kit::run(async move {
+                    $crate::kit::check_unsupported(&factory, &[$(stringify!($skip)),*]).await;
+                });
+            }
         }
     };
 }
