@@ -24,7 +24,7 @@ fn failure(message: &str, kind: FailureKind) -> TaskFailure {
     }
 }
 
-fn record(id: TaskId, state: TaskState, attempts: u32) -> TaskRecord {
+pub(super) fn record(id: TaskId, state: TaskState, attempts: u32) -> TaskRecord {
     let mut r = TaskRecord::new(id, state);
     r.attempts = attempts;
     r.name = Some(String::from("kit::job"));
@@ -32,7 +32,7 @@ fn record(id: TaskId, state: TaskState, attempts: u32) -> TaskRecord {
     r
 }
 
-fn succeeded(json: &str) -> TaskState {
+pub(super) fn succeeded(json: &str) -> TaskState {
     TaskState::Succeeded { result: raw(json) }
 }
 

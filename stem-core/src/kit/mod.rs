@@ -84,6 +84,7 @@
 
 pub mod backend;
 pub mod broker;
+pub mod decided;
 mod ops;
 pub mod settle;
 
@@ -403,11 +404,13 @@ macro_rules! conformance_tests {
             broker::b03_exclusive_lease,
             broker::b04_ack_final_and_fenced,
             settle::b04_settle_batch_settles_each,
+            decided::b04_late_ack_before_redelivery_succeeds,
             broker::b05_extend_lease,
             broker::b06_nack_and_dead_letter,
             settle::b06_envelope_round_trip,
             settle::b06_settle_keeps_priority_and_unique_key,
             broker::b07_dead_letters,
+            decided::b07_undecodable_is_never_replayed,
             broker::b08_delay,
             broker::b09_priority,
             broker::b10_many_queues,
@@ -424,6 +427,7 @@ macro_rules! conformance_tests {
             backend::r2_wait,
             backend::r3_expiry,
             backend::r4_groups,
+            decided::r4_create_group_keeps_existing,
             backend::r5_chords,
             backend::r6_heartbeats,
             backend::r7_revocation,
