@@ -53,6 +53,24 @@ impl AdapterFactory for SqliteFactory {
         )
     }
 
+    /// A client with its own writer thread and readers, as a second
+    /// process on the file would have.
+    async fn peer_broker(&self, opts: &KitOptions) -> Arc<dyn Broker> {
+        Arc::new(
+            SqliteBroker::open_unshared(Self::path(opts), Self::options(opts))
+                .await
+                .unwrap_or_else(|e| panic!("SQLite opens: {e}")),
+        )
+    }
+
+    async fn peer_backend(&self, opts: &KitOptions) -> Arc<dyn ResultBackend> {
+        Arc::new(
+            SqliteBackend::open_unshared(Self::path(opts), Self::options(opts))
+                .await
+                .unwrap_or_else(|e| panic!("SQLite opens: {e}")),
+        )
+    }
+
     async fn insert_garbage(&self, opts: &KitOptions, queue: &str, bytes: &[u8]) {
         Self::open(opts)
             .await

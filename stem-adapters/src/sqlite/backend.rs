@@ -87,7 +87,43 @@ impl SqliteBackend {
     /// # Errors
     /// [`BackendError::Unavailable`] when the file cannot be opened.
     pub async fn open(path: impl AsRef<Path>, opts: SqliteOptions) -> Result<Self, BackendError> {
-        let shared = shared::open(path.as_ref(), &opts).await?;
+        Self::open_with(path.as_ref(), opts, shared::Sharing::Process).await
+    }
+
+    /// Opens the database with connections of its own instead of the set
+    /// every client of the file in this process shares: the client a second
+    /// process would have (see [`SqliteBroker::open_unshared`](super::SqliteBroker::open_unshared)).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use stem_adapters::sqlite::{SqliteBackend, SqliteOptions};
+    /// use stem_core::{ResultBackend, TaskId, TaskRecord, TaskState};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("r.db");
+    /// let one = SqliteBackend::open(&path, SqliteOptions::default()).await?;
+    /// let other = SqliteBackend::open_unshared(&path, SqliteOptions::default()).await?;
+    /// let id = TaskId::new();
+    /// one.store(TaskRecord::new(id, TaskState::Revoked)).await?;
+    /// assert!(other.get(id).await?.is_some());
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`BackendError::Unavailable`] when the file cannot be opened.
+    pub async fn open_unshared(
+        path: impl AsRef<Path>,
+        opts: SqliteOptions,
+    ) -> Result<Self, BackendError> {
+        Self::open_with(path.as_ref(), opts, shared::Sharing::Own).await
+    }
+
+    async fn open_with(
+        path: &Path,
+        opts: SqliteOptions,
+        sharing: shared::Sharing,
+    ) -> Result<Self, BackendError> {
+        let shared = shared::open(path, &opts, sharing).await?;
         Ok(Self {
             shared,
             ns: Arc::from(opts.namespace.as_str()),

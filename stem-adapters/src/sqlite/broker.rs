@@ -478,7 +478,44 @@ impl SqliteBroker {
     /// # Errors
     /// [`BrokerError::Unavailable`] when the file cannot be opened or migrated.
     pub async fn open(path: impl AsRef<Path>, opts: SqliteOptions) -> Result<Self, BrokerError> {
-        let shared = shared::open(path.as_ref(), &opts).await?;
+        Self::open_with(path.as_ref(), opts, shared::Sharing::Process).await
+    }
+
+    /// Opens the database with connections of its own (its own writer
+    /// thread, readers and wake-up socket) instead of the set every client
+    /// of the file in this process shares: the client a second process
+    /// would have. For tests of what happens between processes (the
+    /// conformance kit's races); in an application [`Self::open`] is right.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use stem_adapters::sqlite::{SqliteBroker, SqliteOptions};
+    /// use stem_core::{Broker, Envelope, FetchRequest};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("jobs.db");
+    /// let one = SqliteBroker::open(&path, SqliteOptions::default()).await?;
+    /// let other = SqliteBroker::open_unshared(&path, SqliteOptions::default()).await?;
+    /// one.publish(Envelope::new("t", "default", 1)?).await?;
+    /// assert_eq!(other.fetch(&FetchRequest::new(["default"], 1)).await?.len(), 1);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`BrokerError::Unavailable`] when the file cannot be opened or migrated.
+    pub async fn open_unshared(
+        path: impl AsRef<Path>,
+        opts: SqliteOptions,
+    ) -> Result<Self, BrokerError> {
+        Self::open_with(path.as_ref(), opts, shared::Sharing::Own).await
+    }
+
+    async fn open_with(
+        path: &Path,
+        opts: SqliteOptions,
+        sharing: shared::Sharing,
+    ) -> Result<Self, BrokerError> {
+        let shared = shared::open(path, &opts, sharing).await?;
         Ok(Self {
             shared,
             ns: Arc::from(opts.namespace.as_str()),

@@ -216,7 +216,20 @@ impl From<OpenError> for stem_core::BackendError {
     }
 }
 
-pub(crate) async fn open(path: &Path, opts: &SqliteOptions) -> Result<Arc<Shared>, OpenError> {
+/// How a client gets its connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sharing {
+    /// The process-wide set for the file (one writer thread per file).
+    Process,
+    /// A set of its own, as a second process would have.
+    Own,
+}
+
+pub(crate) async fn open(
+    path: &Path,
+    opts: &SqliteOptions,
+    sharing: Sharing,
+) -> Result<Arc<Shared>, OpenError> {
     let err = |reason: String, cause: Option<stem_core::Cause>| OpenError {
         path: path.display().to_string(),
         reason,
@@ -243,12 +256,13 @@ pub(crate) async fn open(path: &Path, opts: &SqliteOptions) -> Result<Arc<Shared
     };
     // A file deleted or replaced under this process is not reused: the
     // new client opens the file now at the path.
-    if let Some(existing) = registry()
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(&key)
-        .and_then(Weak::upgrade)
-        .filter(|s| s.watch.check(&s.path, true).is_ok())
+    if sharing == Sharing::Process
+        && let Some(existing) = registry()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+            .and_then(Weak::upgrade)
+            .filter(|s| s.watch.check(&s.path, true).is_ok())
     {
         return Ok(existing);
     }
@@ -266,6 +280,9 @@ pub(crate) async fn open(path: &Path, opts: &SqliteOptions) -> Result<Arc<Shared
         path: key.clone(),
         wake: Wake::new(&key),
     });
+    if sharing == Sharing::Own {
+        return Ok(shared);
+    }
     let mut reg = registry()
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);

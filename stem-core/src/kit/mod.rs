@@ -86,6 +86,7 @@ pub mod backend;
 pub mod broker;
 pub mod decided;
 mod ops;
+pub mod races;
 pub mod settle;
 
 use std::future::Future;
@@ -188,6 +189,25 @@ pub trait AdapterFactory: Send + Sync + 'static {
     /// A result backend client on the storage of `opts.namespace`; two calls
     /// see the same records.
     async fn backend(&self, opts: &KitOptions) -> Arc<dyn ResultBackend>;
+
+    /// A broker client as another process would open it on the same
+    /// storage: its own connections and, for an embedded adapter, its own
+    /// writer (SQLite: [`open_unshared`]). The race cases ([`races`]) run
+    /// their contenders on such peers, so a lock that only holds inside
+    /// one client's process fails them. The default is [`Self::broker`],
+    /// right when every client already has its own connection (a server
+    /// adapter) or when there is no other process to be (memory).
+    ///
+    /// [`open_unshared`]: https://docs.rs/stem-adapters/latest/stem_adapters/sqlite/struct.SqliteBroker.html#method.open_unshared
+    async fn peer_broker(&self, opts: &KitOptions) -> Arc<dyn Broker> {
+        self.broker(opts).await
+    }
+
+    /// A result backend client as another process would open it; see
+    /// [`Self::peer_broker`]. The default is [`Self::backend`].
+    async fn peer_backend(&self, opts: &KitOptions) -> Arc<dyn ResultBackend> {
+        self.backend(opts).await
+    }
 
     /// Writes bytes that are not an envelope straight into `queue`'s
     /// storage, bypassing `publish` (B16).
@@ -431,6 +451,10 @@ macro_rules! conformance_tests {
             backend::r5_chords,
             backend::r6_heartbeats,
             backend::r7_revocation,
+            races::b03_race_two_consumers,
+            races::b04_race_expiry_vs_late_ack,
+            races::b17_race_unique_publish,
+            races::r5_race_chord_finishers,
         );
     };
     (@cases ($d:tt) $adapter:ident, $factory:expr; [$($skip:ident : $reason:literal),*];
