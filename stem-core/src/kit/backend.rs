@@ -569,7 +569,7 @@ pub async fn r5_chords(f: &dyn AdapterFactory) {
     .await;
 }
 
-fn heartbeat(worker: &str, interval: Duration) -> WorkerHeartbeat {
+pub(super) fn heartbeat(worker: &str, interval: Duration) -> WorkerHeartbeat {
     WorkerHeartbeat {
         worker_id: worker.to_owned(),
         host: String::from("kit-host"),

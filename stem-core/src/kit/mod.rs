@@ -436,6 +436,7 @@ macro_rules! conformance_tests {
             broker::b10_many_queues,
             broker::b11_broadcast,
             broker::b12_namespaces,
+            broker::b12_separators,
             broker::b13_stats_and_purge,
             settle::b13_purge_is_per_queue_and_stats_see_expiry,
             broker::b14_batch,
