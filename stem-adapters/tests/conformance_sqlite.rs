@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stem_adapters::sqlite::{SqliteBackend, SqliteBroker, SqliteOptions};
+use stem_core::clock::Clock;
 use stem_core::kit::{AdapterFactory, KitOptions};
 use stem_core::{Broker, ResultBackend};
 
@@ -103,6 +104,23 @@ impl AdapterFactory for SqliteFactory {
         tokio::task::spawn_blocking(move || conn.execute_batch("COMMIT").ok())
             .await
             .ok()?
+    }
+
+    /// A client whose own clock is off: SQLite judges delays and leases by
+    /// its own clock inside each statement, so this client may not.
+    async fn skewed_broker(
+        &self,
+        opts: &KitOptions,
+        skew: chrono::TimeDelta,
+    ) -> Option<Arc<dyn Broker>> {
+        let options = SqliteOptions {
+            clock: Clock::skewed(skew),
+            ..Self::options(opts)
+        };
+        let broker = SqliteBroker::open_unshared(Self::path(opts), options)
+            .await
+            .unwrap_or_else(|e| panic!("SQLite opens: {e}"));
+        Some(Arc::new(broker))
     }
 
     fn tick(&self) -> Duration {

@@ -23,6 +23,7 @@ pub mod backend;
 pub mod broker;
 pub mod builder;
 pub mod client;
+pub mod clock;
 pub mod context;
 pub mod duration;
 pub mod envelope;

@@ -15,7 +15,7 @@ use stem_core::{BackendError, Cause, Envelope, ResultBackend, TaskId, TaskRecord
 use super::db::Fail;
 use super::shared::{self, Shared};
 use super::wake::Kind;
-use super::{SqliteOptions, ms_of, now_ms};
+use super::{SqliteOptions, ms_of};
 
 /// A result backend on a SQLite file.
 #[derive(Clone)]
@@ -202,10 +202,11 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn store(&self, record: TaskRecord) -> Result<bool, BackendError> {
+        let clock = self.opts.clock;
         let rec = Self::encode(&record)?;
         let ns = self.ns.clone();
         let written = self
-            .write(move |c| Ok(upsert(c, &ns, &rec, now_ms())?))
+            .write(move |c| Ok(upsert(c, &ns, &rec, clock.now_ms())?))
             .await?;
         if written {
             self.shared.wake.signal(Kind::Results);
@@ -214,6 +215,7 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn store_many(&self, records: Vec<TaskRecord>) -> Vec<Result<bool, BackendError>> {
+        let clock = self.opts.clock;
         // Records that do not encode answer for themselves; the rest share
         // one write.
         let mut out: Vec<Option<Result<bool, BackendError>>> = Vec::with_capacity(records.len());
@@ -230,7 +232,7 @@ impl ResultBackend for SqliteBackend {
         let ns = self.ns.clone();
         let written = self
             .write(move |c| {
-                let now = now_ms();
+                let now = clock.now_ms();
                 let mut done = Vec::with_capacity(encoded.len());
                 for r in &encoded {
                     done.push(upsert(c, &ns, r, now)?);
@@ -254,13 +256,14 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn get(&self, id: TaskId) -> Result<Option<TaskRecord>, BackendError> {
+        let clock = self.opts.clock;
         let ns = self.ns.clone();
         let row: Option<Vec<u8>> = self
             .read(move |c| {
                 Ok(c.prepare_cached(
                     "SELECT record FROM stem_results WHERE ns = ?1 AND id = ?2 AND expires_ms > ?3",
                 )?
-                .query_row(params![ns, id.to_string(), now_ms()], |r| r.get(0))
+                .query_row(params![ns, id.to_string(), clock.now_ms()], |r| r.get(0))
                 .optional()?)
             })
             .await?;
@@ -291,6 +294,7 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn create_group(&self, group: GroupSpec) -> Result<(), BackendError> {
+        let clock = self.opts.clock;
         let callback = group
             .callback
             .as_ref()
@@ -299,7 +303,7 @@ impl ResultBackend for SqliteBackend {
             .map_err(|e| BackendError::Invalid(e.to_string()))?;
         let ns = self.ns.clone();
         let (id, members) = (group.id.to_string(), ids_json(&group.members));
-        let expires = now_ms().saturating_add(ms_of(group.ttl));
+        let expires = clock.now_ms().saturating_add(ms_of(group.ttl));
         self.write(move |c| {
             c.prepare_cached("INSERT OR IGNORE INTO stem_groups (ns, id, members, callback, fired, expires_ms) VALUES (?1, ?2, ?3, ?4, 0, ?5)")?
                 .execute(params![ns, id, members, callback, expires])?;
@@ -309,10 +313,11 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn group(&self, id: TaskId) -> Result<Option<GroupStatus>, BackendError> {
+        let clock = self.opts.clock;
         let ns = self.ns.clone();
         let found = self
             .read(move |c| {
-                let now = now_ms();
+                let now = clock.now_ms();
                 let members: Option<String> = c
                     .prepare_cached(
                         "SELECT members FROM stem_groups WHERE ns = ?1 AND id = ?2 AND expires_ms > ?3",
@@ -367,10 +372,11 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn member_finished(&self, group_id: TaskId) -> Result<Option<Envelope>, BackendError> {
+        let clock = self.opts.clock;
         let ns = self.ns.clone();
         let callback = self
             .write(move |c| {
-                let now = now_ms();
+                let now = clock.now_ms();
                 let gid = group_id.to_string();
                 let row: Option<(String, Option<Vec<u8>>, i64)> = c
                     .prepare_cached(
@@ -412,19 +418,21 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn heartbeat(&self, heartbeat: WorkerHeartbeat) -> Result<(), BackendError> {
+        let clock = self.opts.clock;
         let bytes =
             serde_json::to_vec(&heartbeat).map_err(|e| BackendError::Invalid(e.to_string()))?;
         let ns = self.ns.clone();
         let worker = heartbeat.worker_id.clone();
         self.write(move |c| {
             c.prepare_cached("INSERT OR REPLACE INTO stem_workers (ns, worker_id, seen_ms, heartbeat) VALUES (?1, ?2, ?3, ?4)")?
-                .execute(params![ns, worker, now_ms(), bytes])?;
+                .execute(params![ns, worker, clock.now_ms(), bytes])?;
             Ok(())
         })
         .await
     }
 
     async fn workers(&self) -> Result<Vec<WorkerStatus>, BackendError> {
+        let clock = self.opts.clock;
         let ns = self.ns.clone();
         let rows: Vec<(i64, Vec<u8>)> = self
             .read(move |c| {
@@ -435,7 +443,7 @@ impl ResultBackend for SqliteBackend {
                 Ok(rows.collect::<Result<_, _>>()?)
             })
             .await?;
-        let now = now_ms();
+        let now = clock.now_ms();
         let mut out = Vec::with_capacity(rows.len());
         for (seen, bytes) in rows {
             let Ok(heartbeat) = serde_json::from_slice::<WorkerHeartbeat>(&bytes) else {
@@ -449,8 +457,9 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn revoke(&self, id: TaskId, ttl: Duration) -> Result<(), BackendError> {
+        let clock = self.opts.clock;
         let ns = self.ns.clone();
-        let expires = now_ms().saturating_add(ms_of(ttl));
+        let expires = clock.now_ms().saturating_add(ms_of(ttl));
         self.write(move |c| {
             c.prepare_cached(
                 "INSERT OR REPLACE INTO stem_revoked (ns, id, expires_ms) VALUES (?1, ?2, ?3)",
@@ -462,6 +471,7 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn revoked(&self, ids: &[TaskId]) -> Result<Vec<bool>, BackendError> {
+        let clock = self.opts.clock;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -472,7 +482,7 @@ impl ResultBackend for SqliteBackend {
                 let mut st = c.prepare_cached(
                     "SELECT id FROM stem_revoked WHERE ns = ?1 AND expires_ms > ?2 AND id IN (SELECT value FROM json_each(?3))",
                 )?;
-                let rows = st.query_map(params![ns, now_ms(), json], |r| r.get::<_, String>(0))?;
+                let rows = st.query_map(params![ns, clock.now_ms(), json], |r| r.get::<_, String>(0))?;
                 Ok(rows.collect::<Result<_, _>>()?)
             })
             .await?;
@@ -486,9 +496,10 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn maintain(&self) -> Result<(), BackendError> {
+        let clock = self.opts.clock;
         let ns = self.ns.clone();
         self.write(move |c| {
-            let now = now_ms();
+            let now = clock.now_ms();
             for sql in [
                 "DELETE FROM stem_results WHERE ns = ?1 AND expires_ms <= ?2",
                 "DELETE FROM stem_groups WHERE ns = ?1 AND expires_ms <= ?2",

@@ -990,10 +990,11 @@ impl Broker for SqliteBroker {
             .collect();
         let ns = self.ns.clone();
         let retention = ms_of(self.opts.dead_letter_retention);
+        let clock = self.opts.clock;
         let done = self
             .write(move |c| {
                 let mut out = Vec::with_capacity(jobs.len());
-                let now = super::now_ms();
+                let now = clock.now_ms();
                 for (id, job) in &jobs {
                     let Some(lease) = job.lease else {
                         out.push(false);

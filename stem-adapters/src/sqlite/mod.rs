@@ -76,6 +76,11 @@ pub struct SqliteOptions {
     pub synchronous_full: bool,
     /// Reader connections at most (writes go through one writer thread).
     pub max_connections: u32,
+    /// The clock this client reads for what it computes itself: record
+    /// timestamps, result and revocation expiry, heartbeat times. Delays
+    /// and leases are judged by SQLite's own clock inside each statement
+    /// (`unixepoch('subsec')`), never by this one (CONTRACT.md B18).
+    pub clock: stem_core::clock::Clock,
 }
 
 impl Default for SqliteOptions {
@@ -88,6 +93,7 @@ impl Default for SqliteOptions {
             dead_letter_retention: stem_core::broker::DEFAULT_DEAD_LETTER_RETENTION,
             synchronous_full: false,
             max_connections: 4,
+            clock: stem_core::clock::Clock::system(),
         }
     }
 }
@@ -230,11 +236,6 @@ inventory::submit! {
 }
 
 type Openers = (stem_core::url::BrokerOpener, stem_core::url::BackendOpener);
-
-/// Milliseconds since the Unix epoch on this host's clock.
-pub(crate) fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
 
 pub(crate) fn ms_of(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)

@@ -219,7 +219,8 @@ pub trait AdapterFactory: Send + Sync + 'static {
         let _ = opts;
     }
 
-    /// B15 only: restarts the server (or drops every connection) and
+    /// B15 (and B1, for a restart): restarts the server (or drops every
+    /// connection) and
     /// returns once it is reachable again. `None`: this factory cannot; B15
     /// then fails unless the adapter declares `reconnect: false` and lists
     /// `b15_reconnect` as unsupported.
@@ -228,9 +229,12 @@ pub trait AdapterFactory: Send + Sync + 'static {
         None
     }
 
-    /// B18 only: a broker client on `opts.namespace` whose process clock is
-    /// off by `skew`. `None`: the factory cannot fake a clock, and B18 checks
-    /// only what a correct clock can show.
+    /// B18 only: a broker client on `opts.namespace` whose own clock (the
+    /// [`Clock`](crate::clock::Clock) it reads for what it computes itself)
+    /// is off by `skew`, e.g. the adapter opened with
+    /// `clock: Clock::skewed(skew)`. `None`: the factory cannot; B18 then
+    /// fails unless the adapter declares `server_time: false` and lists
+    /// `b18_server_time` as unsupported.
     async fn skewed_broker(
         &self,
         opts: &KitOptions,
@@ -238,6 +242,16 @@ pub trait AdapterFactory: Send + Sync + 'static {
     ) -> Option<Arc<dyn Broker>> {
         let _ = (opts, skew);
         None
+    }
+
+    /// Now by the server's clock, for the cases that judge a time the
+    /// server stamped (a dead letter's `dead_at`). The default is the test
+    /// host's clock, right for embedded adapters and for servers on the
+    /// same host; a server adapter reads the server (Redis `TIME`,
+    /// Postgres `now()`).
+    async fn server_now(&self, opts: &KitOptions) -> chrono::DateTime<chrono::Utc> {
+        let _ = opts;
+        chrono::Utc::now()
     }
 
     /// The adapter's poll interval (CONTRACT.md "tick"); 0 for adapters

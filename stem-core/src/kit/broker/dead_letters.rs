@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::{TimeDelta, Utc};
+use chrono::TimeDelta;
 
 use super::{LONG_LEASE, assert_nothing, fetch, fetch_n, job, n_of, publish, req, stats};
 use crate::broker::{Disposition, Replay, Settlement};
@@ -81,7 +81,7 @@ pub async fn b06_nack_and_dead_letter(f: &dyn AdapterFactory) {
             .insert(String::from("trace"), String::from("t-1"));
         let id = publish(&*b, env).await;
         let got = fetch(&*b, &req(&["dlq"], 1, LONG_LEASE)).await;
-        let before = Utc::now();
+        let before = f.server_now(&o).await;
         let request = Disposition::DeadLetter {
             reason: String::from("kit: gave up"),
             error: Some(String::from("kit: last error")),
@@ -90,7 +90,7 @@ pub async fn b06_nack_and_dead_letter(f: &dyn AdapterFactory) {
         b.settle_one(Settlement::new(got[0].receipt.clone(), request))
             .await
             .expect("dead_letter");
-        let after = Utc::now();
+        let after = f.server_now(&o).await;
         let dead = b.list_dead("dlq", 10).await.expect("dead_letters");
         assert_eq!(dead.len(), 1);
         let d = &dead[0];

@@ -1,6 +1,6 @@
 //! Time: delays (B8) and the server clock (B18).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
 
@@ -70,8 +70,12 @@ pub async fn b08_delay(f: &dyn AdapterFactory) {
 }
 
 /// B18: delays and leases are judged by the server's clock, so a client
-/// whose clock is off neither runs delayed work early nor steals live
-/// leases. Needs [`AdapterFactory::skewed_broker`] for the skewed half.
+/// whose clock is ten minutes fast ([`AdapterFactory::skewed_broker`])
+/// neither runs delayed work early nor steals live leases, its own lease
+/// and extension last what they ask on the server's clock, and a delay it
+/// sets (`not_before - enqueued_at`, both by its clock) runs after that
+/// long, not ten minutes early or late. An adapter that declares
+/// `server_time` must offer the skewed client.
 pub async fn b18_server_time(f: &dyn AdapterFactory) {
     let o = KitOptions::new(f.name(), "b18");
     guarded(f, &[&o], async {
@@ -79,6 +83,15 @@ pub async fn b18_server_time(f: &dyn AdapterFactory) {
         if !b.capabilities().server_time {
             return skip(f, "B18", "no server clock", "server_time");
         }
+        let skew = TimeDelta::minutes(10);
+        let Some(skewed) = f.skewed_broker(&o, skew).await else {
+            panic!(
+                "{} declares `server_time: true`, but its factory offers no skewed_broker: \
+                 implement AdapterFactory::skewed_broker (a client whose clock is off) so B18 \
+                 can test what it declares",
+                f.name()
+            );
+        };
         let mut delayed = job("clock", 1);
         delayed.not_before = Some(Utc::now() + TimeDelta::seconds(2));
         let delayed_id = publish(&*b, delayed).await;
@@ -86,16 +99,6 @@ pub async fn b18_server_time(f: &dyn AdapterFactory) {
         let held = fetch(&*b, &req(&["clock-lease"], 1, Duration::from_secs(5))).await;
         assert_eq!(held[0].envelope.id, leased_id);
 
-        let Some(skewed) = f.skewed_broker(&o, TimeDelta::minutes(10)).await else {
-            assert_nothing(
-                &*b,
-                &["clock", "clock-lease"],
-                Duration::from_millis(300),
-                "nothing is due yet",
-            )
-            .await;
-            return;
-        };
         assert_nothing(
             &*skewed,
             &["clock"],
@@ -110,6 +113,57 @@ pub async fn b18_server_time(f: &dyn AdapterFactory) {
             "a fast clock steals a live lease",
         )
         .await;
+
+        // The fast client's own lease and extension, on the server's clock.
+        publish(&*b, job("clock-own", 3)).await;
+        let own = fetch(
+            &*skewed,
+            &req(&["clock-own"], 1, Duration::from_millis(400)),
+        )
+        .await;
+        assert_eq!(own.len(), 1, "the fast client leases");
+        skewed
+            .extend_lease(&own[0].receipt, Duration::from_secs(5))
+            .await
+            .expect("the fast client extends its live lease");
+        assert_nothing(
+            &*b,
+            &["clock-own"],
+            Duration::from_millis(700),
+            "a fast client's extended lease ran out by its own clock",
+        )
+        .await;
+        skewed
+            .ack(&own[0].receipt)
+            .await
+            .expect("the fast client's lease is intact");
+
+        // A delay the fast client sets by its own clock lasts what it says.
+        let fast_now = Utc::now() + skew;
+        let mut fast = job("clock-fast", 4);
+        fast.enqueued_at = fast_now;
+        fast.not_before = Some(fast_now + TimeDelta::seconds(1));
+        let published = Instant::now();
+        let fast_id = publish(&*skewed, fast).await;
+        assert_nothing(
+            &*b,
+            &["clock-fast"],
+            Duration::from_millis(400),
+            "a 1 s delay set by a fast clock ran at once",
+        )
+        .await;
+        let got = fetch_n(&*b, &["clock-fast"], 1, LONG_LEASE, Duration::from_secs(5)).await;
+        assert_eq!(
+            got.first().map(|d| d.envelope.id),
+            Some(fast_id),
+            "a 1 s delay set by a fast clock is delivered after about 1 s"
+        );
+        assert!(
+            published.elapsed() >= Duration::from_millis(900),
+            "a 1 s delay set by a fast clock ran after {:?}",
+            published.elapsed()
+        );
+
         let due = fetch_n(&*skewed, &["clock"], 1, LONG_LEASE, Duration::from_secs(5)).await;
         assert_eq!(
             due.first().map(|d| d.envelope.id),
