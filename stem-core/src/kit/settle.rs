@@ -13,6 +13,7 @@ use super::ops::BrokerOps;
 use super::{AdapterFactory, KitOptions, guarded, skip};
 use crate::broker::{Disposition, Published, Replay, Settlement};
 use crate::envelope::{Envelope, TaskId, UniqueRelease};
+use crate::error::BrokerError;
 
 /// An envelope with every field set: unicode headers, every optional id,
 /// `expires_at`, priority, retries, a large payload.
@@ -142,7 +143,10 @@ pub async fn b04_settle_batch_settles_each(f: &dyn AdapterFactory) {
         assert_eq!(answers.len(), 5, "one answer per settlement");
         for (i, a) in answers.iter().enumerate() {
             if i == 2 {
-                assert!(a.is_err(), "the spent receipt answers LeaseLost");
+                assert!(
+                    matches!(a, Err(BrokerError::LeaseLost { .. })),
+                    "the spent receipt answers LeaseLost, got {a:?}"
+                );
             } else {
                 assert!(a.is_ok(), "settlement {i}: {a:?}");
             }

@@ -11,8 +11,10 @@ use crate::error::BrokerError;
 use crate::kit::ops::BrokerOps;
 use crate::kit::{AdapterFactory, KitOptions, eventually, guarded};
 
-/// B6: nack requeues now or after a delay (with an optional replacement
-/// envelope); dead_letter stores the reason, time and full envelope.
+/// B6: a `Release` requeues at once without charging an attempt, a
+/// `Retry` after its delay with the attempt and error charged; a
+/// `DeadLetter` stores the reason, error, time and full envelope; each
+/// spends its receipt.
 pub async fn b06_nack_and_dead_letter(f: &dyn AdapterFactory) {
     let o = KitOptions::new(f.name(), "b06");
     guarded(f, &[&o], async {
