@@ -30,6 +30,8 @@ fn full_envelope(queue: &str, args_bytes: usize) -> Envelope {
     e.group_id = Some(TaskId::new());
     e.chord_id = Some(TaskId::new());
     e.expires_at = Some(Utc::now() + TimeDelta::hours(2));
+    // Due already, so it is delivered at once but the field must survive.
+    e.not_before = Some(Utc::now() - TimeDelta::seconds(1));
     e.result_ttl_secs = Some(3_600);
     e.headers = BTreeMap::from([
         (String::from("trace"), String::from("00-ab-cd-01")),
@@ -69,6 +71,16 @@ fn assert_same(got: &Envelope, want: &Envelope, after: &str) {
     );
 }
 
+/// `not_before` kept to the millisecond (a settlement with a delay of its
+/// own may replace it, so only deliveries that were not settled check it).
+fn assert_not_before(got: &Envelope, want: &Envelope, after: &str) {
+    assert_eq!(
+        got.not_before.map(|t| t.timestamp_millis()),
+        want.not_before.map(|t| t.timestamp_millis()),
+        "{after}: not_before"
+    );
+}
+
 /// B2/B6/B7: every field of an envelope survives publish → fetch,
 /// release → fetch, lease expiry → fetch, retry → fetch (attempt and error
 /// changed, nothing else) and dead letter → replay → fetch; an empty and a
@@ -82,17 +94,19 @@ pub async fn b06_envelope_round_trip(f: &dyn AdapterFactory) {
             publish(&*b, want.clone()).await;
             let got = fetch_n(&*b, &["trip"], 1, LEASE, Duration::from_secs(5)).await;
             assert_same(&got[0].envelope, &want, "publish → fetch");
+            assert_not_before(&got[0].envelope, &want, "publish → fetch");
+
+            // Lease expiry: not settled, delivered again after the lease.
+            let got = fetch_n(&*b, &["trip"], 1, LEASE, Duration::from_secs(10)).await;
+            assert_eq!(got.len(), 1, "delivered again after the lease ran out");
+            assert_same(&got[0].envelope, &want, "lease expiry → fetch");
+            assert_not_before(&got[0].envelope, &want, "lease expiry → fetch");
 
             b.release(&got[0].receipt, Duration::ZERO)
                 .await
                 .expect("release");
-            let got = fetch_n(&*b, &["trip"], 1, LEASE, Duration::from_secs(5)).await;
+            let got = fetch_n(&*b, &["trip"], 1, LONG_LEASE, Duration::from_secs(5)).await;
             assert_same(&got[0].envelope, &want, "release → fetch");
-
-            // Lease expiry: not settled, delivered again after the lease.
-            let got = fetch_n(&*b, &["trip"], 1, LONG_LEASE, Duration::from_secs(10)).await;
-            assert_eq!(got.len(), 1, "delivered again after the lease ran out");
-            assert_same(&got[0].envelope, &want, "lease expiry → fetch");
 
             b.retry(&got[0].receipt, Duration::ZERO, "kit: boom ✗")
                 .await
