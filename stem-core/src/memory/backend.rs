@@ -316,3 +316,34 @@ impl ResultBackend for InMemoryBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::TaskState;
+
+    /// Waiters leave nothing behind: the last waiter on an id removes its
+    /// `Notify`, whether it timed out or saw the terminal state.
+    #[tokio::test]
+    async fn finished_waits_leave_no_watchers() {
+        let b = InMemoryBackend::new();
+        let id = TaskId::new();
+        let (first, second) = tokio::join!(
+            b.wait(id, Duration::from_millis(20)),
+            b.wait(id, Duration::from_millis(40)),
+        );
+        assert!(first.unwrap().is_none() && second.unwrap().is_none());
+        assert!(b.core.lock().watchers.is_empty(), "timed-out waiters leak");
+
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move { b.wait(id, Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        b.store(TaskRecord::new(id, TaskState::Revoked))
+            .await
+            .unwrap();
+        assert!(waiter.await.unwrap().unwrap().is_some());
+        assert!(b.core.lock().watchers.is_empty(), "finished waiters leak");
+    }
+}
