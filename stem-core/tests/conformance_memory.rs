@@ -1,8 +1,9 @@
 //! The adapter conformance kit against the in-memory adapter.
 //!
 //! `cargo test -p stem-core --test conformance_memory` runs every clause;
-//! `cargo test memory::b09` runs one. Add `-- --nocapture` to see the SKIP
-//! lines of the clauses memory cannot meet (B1, B15, B18).
+//! `cargo test memory::b09` runs one. The clauses memory cannot meet (B1,
+//! B15, B18) show as `ignored, <reason>`; `-- --ignored --nocapture` runs
+//! them by hand and prints their SKIP lines.
 
 use std::sync::Arc;
 

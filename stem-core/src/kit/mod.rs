@@ -1,8 +1,10 @@
 //! The adapter conformance kit: CONTRACT.md as tests.
 //!
 //! Every clause of the contract (B1..B18 for brokers, R1..R7 for result
-//! backends) is one public async function in [`broker`] or [`backend`]
-//! taking an [`AdapterFactory`]. An adapter's test file implements the
+//! backends) is one or more public async functions taking an
+//! [`AdapterFactory`]: the clauses themselves in [`broker`] and
+//! [`backend`], settlements and round trips in [`settle`], the contract's
+//! decided points in [`decided`], and races between clients in [`races`]. An adapter's test file implements the
 //! factory and expands [`conformance_tests!`](crate::conformance_tests),
 //! which writes one `#[test]` per clause:
 //!
@@ -71,13 +73,15 @@
 //!   `ignored, <reason>` on its line. `unsupported_clauses_match_capabilities`
 //!   fails when that list and the broker's capabilities disagree. Run by
 //!   hand (`--ignored`), such a clause prints `SKIP <adapter> <clause>:
-//!   <reason>` and passes.
+//!   <what is missing>: <why_not>` (e.g. `SKIP memory B01: not durable:
+//!   data lives in process memory`) and passes.
 //! - Parts of clauses that need another clause's capability run only where
 //!   the adapter has it, silently otherwise (that clause's own ignored test
-//!   shows the reason): the delay parts of B6, B12 and B13, the unique parts
+//!   shows the reason): the delay parts of B6, B13 and B17, the unique parts
 //!   of B12 and B13, the broadcast parts of B12 and B15. B06's priority
-//!   and unique parts print a SKIP line, and so does B14's atomicity half
-//!   (which has no clause of its own) when `atomic_batch` is false. B14
+//!   and unique parts and `b17_race_unique_publish` print a SKIP line, and
+//!   so does B14's atomicity half (which has no clause of its own) when
+//!   `atomic_batch` is false. B14
 //!   always checks order and that a
 //!   batch is [`min_batch_speedup`](AdapterFactory::min_batch_speedup)
 //!   times faster per envelope than single publishes (medians of three
@@ -427,7 +431,8 @@ pub async fn check_unsupported(f: &dyn AdapterFactory, listed: &[&str]) {
 
 /// Expands to one `#[test]` per contract clause for an adapter, in a module
 /// named after it: `conformance_tests!(memory, MemoryFactory)` gives
-/// `memory::b01_durable_publish` ... `memory::r7_revocation`.
+/// `memory::b01_durable_publish` ... `memory::r5_race_chord_finishers`, in
+/// the order of CONTRACT.md's clauses, the extra cases of a clause after it.
 ///
 /// The second argument is an expression building the factory; it is
 /// evaluated inside the generated module (which starts with `use super::*;`)

@@ -10,8 +10,9 @@ use crate::kit::ops::BrokerOps;
 use crate::kit::{AdapterFactory, KitOptions, guarded, skip};
 
 /// B14: `publish_many` keeps input order, is all-or-nothing where the
-/// adapter declares `atomic_batch`, and is at least as fast per envelope as
-/// `publish`.
+/// adapter declares `atomic_batch`, and is
+/// [`min_batch_speedup`](AdapterFactory::min_batch_speedup) times faster per
+/// envelope than `publish`.
 pub async fn b14_batch(f: &dyn AdapterFactory) {
     let o = KitOptions::new(f.name(), "b14");
     guarded(f, &[&o], async {
