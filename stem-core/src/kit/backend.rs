@@ -302,6 +302,67 @@ pub async fn r2_wait(f: &dyn AdapterFactory) {
     .await;
 }
 
+/// R3 housekeeping: `maintain` drops only what has expired. A live record,
+/// group, revocation and worker heartbeat are all still there after it,
+/// and an expired record stays gone.
+pub async fn r3_maintain_keeps_live_data(f: &dyn AdapterFactory) {
+    let o = KitOptions::new(f.name(), "r3_maintain");
+    guarded(f, &[&o], async {
+        let b = f.backend(&o).await;
+        let live = TaskId::new();
+        let mut rec = record(live, succeeded("1"), 1);
+        rec.ttl = Duration::from_secs(3600);
+        assert!(store(&*b, rec).await);
+        let short = TaskId::new();
+        let mut rec = record(short, succeeded("2"), 1);
+        rec.ttl = Duration::from_secs(1);
+        assert!(store(&*b, rec).await);
+        let group = TaskId::new();
+        b.create_group(GroupSpec {
+            id: group,
+            members: vec![TaskId::new()],
+            callback: None,
+            ttl: Duration::from_secs(3600),
+        })
+        .await
+        .expect("create_group");
+        let revoked = TaskId::new();
+        b.revoke(revoked, Duration::from_secs(3600))
+            .await
+            .expect("revoke");
+        b.heartbeat(heartbeat("kit-maintain", Duration::from_secs(60)))
+            .await
+            .expect("heartbeat");
+
+        tokio::time::sleep(Duration::from_millis(1_300)).await;
+        b.maintain().await.expect("maintain");
+
+        assert!(
+            get(&*b, live).await.is_some(),
+            "maintain dropped a live record"
+        );
+        assert!(
+            get(&*b, short).await.is_none(),
+            "an expired record came back"
+        );
+        assert!(
+            b.group(group).await.expect("group").is_some(),
+            "maintain dropped a live group"
+        );
+        assert_eq!(
+            b.revoked(&[revoked]).await.expect("revoked"),
+            [true],
+            "maintain dropped a live revocation"
+        );
+        assert_eq!(
+            alive(&*b, "kit-maintain").await,
+            Some(true),
+            "maintain dropped a live worker's heartbeat"
+        );
+    })
+    .await;
+}
+
 /// R3: records expire after their TTL, each with its own.
 pub async fn r3_expiry(f: &dyn AdapterFactory) {
     let o = KitOptions::new(f.name(), "r3");

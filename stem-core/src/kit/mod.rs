@@ -486,6 +486,7 @@ macro_rules! conformance_tests {
             backend::r1_states,
             backend::r2_wait,
             backend::r3_expiry,
+            backend::r3_maintain_keeps_live_data,
             backend::r4_groups,
             decided::r4_create_group_keeps_existing,
             backend::r5_chords,

@@ -346,4 +346,28 @@ mod tests {
         assert!(waiter.await.unwrap().unwrap().is_some());
         assert!(b.core.lock().watchers.is_empty(), "finished waiters leak");
     }
+
+    /// `maintain` frees what expired (reads hide it anyway, so only the
+    /// memory it holds shows whether housekeeping ran).
+    #[tokio::test]
+    async fn maintain_frees_expired_entries() {
+        let b = InMemoryBackend::new();
+        let ttl = Duration::from_millis(10);
+        let mut rec = TaskRecord::new(TaskId::new(), TaskState::Revoked);
+        rec.ttl = ttl;
+        b.store(rec).await.unwrap();
+        b.revoke(TaskId::new(), ttl).await.unwrap();
+        b.create_group(GroupSpec {
+            id: TaskId::new(),
+            members: vec![TaskId::new()],
+            callback: None,
+            ttl,
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        b.maintain().await.unwrap();
+        let st = b.core.lock();
+        assert!(st.records.is_empty() && st.revoked.is_empty() && st.groups.is_empty());
+    }
 }
