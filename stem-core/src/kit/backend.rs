@@ -652,6 +652,58 @@ async fn alive(b: &dyn ResultBackend, worker: &str) -> Option<bool> {
         .map(|w| w.alive)
 }
 
+/// R5: a chord completes when every member has a *terminal* record: a
+/// member that is Started or Retrying keeps the callback back; once it
+/// fails or succeeds the callback is handed out.
+pub async fn r5_chord_waits_for_terminal_members(f: &dyn AdapterFactory) {
+    let o = KitOptions::new(f.name(), "r5_terminal");
+    guarded(f, &[&o], async {
+        let b = f.backend(&o).await;
+        let members = [TaskId::new(), TaskId::new()];
+        let group = TaskId::new();
+        let callback = Envelope::new("kit::callback", "chords", 1)
+            .unwrap_or_else(|e| panic!("kit envelope: {e}"));
+        b.create_group(GroupSpec {
+            id: group,
+            members: members.to_vec(),
+            callback: Some(callback.clone()),
+            ttl: Duration::from_secs(3600),
+        })
+        .await
+        .expect("create_group");
+        assert!(store(&*b, record(members[0], succeeded("0"), 1)).await);
+        let running = [
+            TaskState::Started,
+            TaskState::Retrying {
+                next_at: Utc::now() + TimeDelta::seconds(30),
+                error: failure("first try failed", FailureKind::Error),
+            },
+        ];
+        for state in running {
+            let what = state.name();
+            assert!(store(&*b, record(members[1], state, 1)).await);
+            assert!(
+                b.member_finished(group)
+                    .await
+                    .expect("member_finished")
+                    .is_none(),
+                "the callback was handed out while a member is {what}"
+            );
+        }
+        let failed = TaskState::Failed {
+            error: failure("gave up", FailureKind::Error),
+        };
+        assert!(store(&*b, record(members[1], failed, 2)).await);
+        let handed = b.member_finished(group).await.expect("member_finished");
+        assert_eq!(
+            handed.map(|e| e.id),
+            Some(callback.id),
+            "every member is terminal (one failed): the callback is handed out"
+        );
+    })
+    .await;
+}
+
 /// R6: heartbeats record a worker's details and last-seen time; a worker
 /// silent for 3 intervals is reported dead.
 pub async fn r6_heartbeats(f: &dyn AdapterFactory) {

@@ -89,6 +89,24 @@ pub async fn b06_envelope_round_trip(f: &dyn AdapterFactory) {
     let o = KitOptions::new(f.name(), "b06_round_trip");
     guarded(f, &[&o], async {
         let b = f.broker(&o).await;
+        // Through publish_many too: every field of each envelope of a batch.
+        let batch: Vec<Envelope> = [0, 1_000, 40_000]
+            .into_iter()
+            .map(|bytes| full_envelope("trip-many", bytes))
+            .collect();
+        b.publish_many(batch.clone()).await.expect("publish_many");
+        let got = fetch_n(&*b, &["trip-many"], 3, LONG_LEASE, Duration::from_secs(5)).await;
+        assert_eq!(got.len(), 3, "the whole batch is delivered");
+        for d in &got {
+            let want = batch
+                .iter()
+                .find(|e| e.id == d.envelope.id)
+                .unwrap_or_else(|| panic!("publish_many delivered a stranger {}", d.envelope.id));
+            assert_same(&d.envelope, want, "publish_many → fetch");
+            assert_not_before(&d.envelope, want, "publish_many → fetch");
+            b.ack(&d.receipt).await.expect("ack");
+        }
+
         for bytes in [0, 40_000] {
             let want = full_envelope("trip", bytes);
             publish(&*b, want.clone()).await;
@@ -230,6 +248,23 @@ pub async fn b06_settle_keeps_priority_and_unique_key(f: &dyn AdapterFactory) {
                 Published::Duplicate(holder_id),
                 "a released holder keeps its until-finished key"
             );
+            // A retried holder keeps it too.
+            let got = fetch_n(&*b, &["uniq"], 1, LONG_LEASE, Duration::from_secs(5)).await;
+            b.retry(&got[0].receipt, Duration::ZERO, "kit: again")
+                .await
+                .expect("retry");
+            let dup = unique_job(
+                "uniq",
+                3,
+                "kit-held",
+                TimeDelta::minutes(10),
+                UniqueRelease::OnFinish,
+            );
+            assert_eq!(
+                b.publish(dup).await.expect("publish"),
+                Published::Duplicate(holder_id),
+                "a retried holder keeps its until-finished key"
+            );
         } else {
             skip(f, "B06", "unique part skipped", "unique");
         }
@@ -294,6 +329,37 @@ pub async fn b13_purge_is_per_queue_and_stats_see_expiry(f: &dyn AdapterFactory)
             (1, 0),
             "an expired lease counts as ready: {s:?}"
         );
+    })
+    .await;
+}
+
+/// B6: a `Release` with a delay hands the envelope back after it, not at
+/// once, and charges nothing.
+pub async fn b06_delayed_release_waits(f: &dyn AdapterFactory) {
+    let o = KitOptions::new(f.name(), "b06_release");
+    guarded(f, &[&o], async {
+        let b = f.broker(&o).await;
+        if !b.capabilities().delay {
+            return skip(f, "B06", "delayed release skipped", "delay");
+        }
+        let id = publish(&*b, job("later", 1)).await;
+        let got = fetch(&*b, &req(&["later"], 1, LONG_LEASE)).await;
+        let released = std::time::Instant::now();
+        b.release(&got[0].receipt, Duration::from_millis(600))
+            .await
+            .expect("release");
+        let early = fetch(&*b, &req(&["later"], 1, LONG_LEASE)).await;
+        assert!(early.is_empty(), "a Release of 600 ms was ready at once");
+        assert_eq!(stats(&*b, "later").await.delayed, 1, "it waits as delayed");
+        let back = fetch_n(&*b, &["later"], 1, LONG_LEASE, Duration::from_secs(5)).await;
+        assert_eq!(back.first().map(|d| d.envelope.id), Some(id));
+        assert!(
+            released.elapsed() >= Duration::from_millis(550),
+            "released for 600 ms, back after {:?}",
+            released.elapsed()
+        );
+        assert_eq!(back[0].envelope.attempt, 0, "a release charges nothing");
+        b.ack(&back[0].receipt).await.expect("ack");
     })
     .await;
 }

@@ -61,7 +61,7 @@ pub async fn b14_batch(f: &dyn AdapterFactory) {
         // machine cannot decide the outcome, while a batch written as a loop
         // of single round trips (about 1x) fails.
         const SPEED: u64 = 1_000;
-        const ROUNDS: usize = 3;
+        const ROUNDS: usize = 5;
         let mut singles = Vec::with_capacity(ROUNDS);
         let mut batches = Vec::with_capacity(ROUNDS);
         for round in 0..ROUNDS {

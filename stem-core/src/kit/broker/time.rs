@@ -69,6 +69,43 @@ pub async fn b08_delay(f: &dyn AdapterFactory) {
     .await;
 }
 
+/// B8 for a consumer that polls (`wait` zero) instead of blocking: polls
+/// every 50 ms from the publish on, and none of them gets the envelope
+/// before its `not_before`.
+pub async fn b08_polled_delay_is_not_early(f: &dyn AdapterFactory) {
+    let o = KitOptions::new(f.name(), "b08_poll");
+    guarded(f, &[&o], async {
+        let b = f.broker(&o).await;
+        if !b.capabilities().delay {
+            return skip(f, "B08", "no delayed delivery", "delay");
+        }
+        let mut e = job("polled", 1);
+        let due = Utc::now() + TimeDelta::milliseconds(800);
+        e.not_before = Some(due);
+        let id = publish(&*b, e).await;
+        let until = Instant::now() + Duration::from_secs(5);
+        let got = loop {
+            let got = fetch(&*b, &req(&["polled"], 1, LONG_LEASE)).await;
+            if !got.is_empty() || Instant::now() > until {
+                break got;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let received = Utc::now();
+        assert_eq!(
+            got.first().map(|d| d.envelope.id),
+            Some(id),
+            "delivered once due"
+        );
+        assert!(
+            received + TimeDelta::milliseconds(20) >= due,
+            "a polling consumer got the envelope {} ms before its not_before",
+            (due - received).num_milliseconds()
+        );
+    })
+    .await;
+}
+
 /// B18: delays and leases are judged by the server's clock, so a client
 /// whose clock is ten minutes fast ([`AdapterFactory::skewed_broker`])
 /// neither runs delayed work early nor steals live leases, its own lease
