@@ -56,10 +56,12 @@ impl AdapterFactory for MemoryFactory {
     }
 
     /// A call costs a lock, not a round trip: a batch saves little (about
-    /// 1.4x in a debug build), so B14 only asks it to be no slower, and a
-    /// batch written as a loop of publishes cannot be told apart by time.
+    /// 1.4x in a debug build, 2-5 ms per 1,000, where a busy machine's noise
+    /// is of the same size), so B14 only asks it not to be pathologically
+    /// slower (half the speed of singles), and a batch written as a loop of
+    /// publishes cannot be told apart by time.
     fn min_batch_speedup(&self) -> f64 {
-        1.0
+        0.5
     }
 
     fn why_not(&self, capability: &str) -> Option<&'static str> {

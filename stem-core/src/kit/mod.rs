@@ -279,7 +279,7 @@ pub trait AdapterFactory: Send + Sync + 'static {
     /// 2 by default: with a round trip (or a transaction) per call, a real
     /// batch is several times faster (SQLite measured 4-5x), and a batch
     /// written as a loop of single publishes is about 1x. An adapter whose
-    /// calls cost no round trip (memory) may lower it to 1.
+    /// calls cost no round trip (memory) may lower it (memory: 0.5).
     fn min_batch_speedup(&self) -> f64 {
         2.0
     }
