@@ -1,7 +1,9 @@
 //! Broker and result-backend adapters for Stem, one module per adapter,
 //! each behind its cargo feature. Applications use them through the `stem`
-//! facade: `stem::connect("sqlite://stem.db")`.
+//! facade: `stem::connect("sqlite://stem.db")`, `stem::connect("redis://127.0.0.1:6379")`.
 
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
@@ -11,12 +13,14 @@ pub mod sqlite;
 #[inline(never)]
 #[must_use]
 pub fn link() -> usize {
+    let mut n = 0;
     #[cfg(feature = "sqlite")]
     {
-        std::hint::black_box(sqlite::link())
+        n += std::hint::black_box(sqlite::link());
     }
-    #[cfg(not(feature = "sqlite"))]
+    #[cfg(feature = "redis")]
     {
-        0
+        n += std::hint::black_box(redis::link());
     }
+    n
 }

@@ -291,6 +291,47 @@ pub trait AdapterFactory: Send + Sync + 'static {
         let _ = capability;
         None
     }
+
+    /// Why this factory cannot run here, e.g. `no Redis at 127.0.0.1:6379
+    /// (set STEM_TEST_REDIS_URL)`; `None` (the default) when it can. Every
+    /// case of a factory that answers `Some` prints one `SKIP` line and
+    /// passes, unless `STEM_REQUIRE_SERVICES=1` is set (CI), where it fails:
+    /// a missing server never hides a failing adapter there. Sync and cheap
+    /// (a TCP connect with a short timeout), since every case asks.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Whether the case `case` must not run because the factory's server is
+/// missing ([`AdapterFactory::unavailable`]): prints the SKIP line and
+/// answers `true`, or panics when `STEM_REQUIRE_SERVICES=1`. Called by
+/// [`conformance_tests!`](crate::conformance_tests) before every case.
+///
+/// # Panics
+/// When the server is missing and `STEM_REQUIRE_SERVICES=1`.
+#[must_use]
+pub fn server_missing(f: &dyn AdapterFactory, case: &str) -> bool {
+    let Some(why) = f.unavailable() else {
+        return false;
+    };
+    assert!(
+        std::env::var("STEM_REQUIRE_SERVICES").as_deref() != Ok("1"),
+        "{} {case}: {why}, and STEM_REQUIRE_SERVICES=1 requires it",
+        f.name()
+    );
+    // Once per test binary, and past libtest's capture (a passing test's
+    // captured output is never shown): written to the real stderr.
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP {} (every case, {case} first): {why}",
+            f.name()
+        );
+    });
+    true
 }
 
 /// Runs one case on a fresh multi-threaded tokio runtime, failing it after
@@ -516,6 +557,9 @@ macro_rules! conformance_tests {
             $(
                 __stem_kit_case!($case, fn $case() {
                     let factory = $factory;
+                    if $crate::kit::server_missing(&factory, stringify!($case)) {
+                        return;
+                    }
                     $crate::kit::run(async move {
                         $crate::kit::$module::$case(&factory).await;
                     });
@@ -525,6 +569,9 @@ macro_rules! conformance_tests {
             #[test]
             fn unsupported_clauses_match_capabilities() {
                 let factory = $factory;
+                if $crate::kit::server_missing(&factory, "unsupported_clauses_match_capabilities") {
+                    return;
+                }
                 $crate::kit::run(async move {
                     $crate::kit::check_unsupported(&factory, &[$(stringify!($skip)),*]).await;
                 });
