@@ -5,14 +5,15 @@
 //! USER`) while other cases run on. Without a reachable Redis every case
 //! prints a SKIP line (and fails under `STEM_REQUIRE_SERVICES=1`).
 //!
-//! The result-backend cases run on the SQLite backend beside the Redis
-//! broker (a mixed deployment), until the Redis result backend lands.
+//! A second factory pairs the Redis broker with the SQLite result backend
+//! (a mixed deployment) for the chord cases, whose exactly-once then spans
+//! two stores.
 #![cfg(feature = "redis")]
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use stem_adapters::redis::{RedisBroker, RedisOptions};
+use stem_adapters::redis::{RedisBackend, RedisBroker, RedisOptions};
 use stem_core::clock::Clock;
 use stem_core::kit::{AdapterFactory, KitOptions};
 use stem_core::{Broker, ResultBackend};
@@ -121,21 +122,10 @@ impl AdapterFactory for RedisFactory {
     }
 
     async fn backend(&self, opts: &KitOptions) -> Arc<dyn ResultBackend> {
-        // A mixed deployment: the Redis broker with the SQLite result
-        // backend, one file per case's storage.
-        let path = std::env::temp_dir()
-            .join("stem-kit-redis")
-            .join(format!("{}.db", opts.storage));
         Arc::new(
-            stem_adapters::sqlite::SqliteBackend::open(
-                path,
-                stem_adapters::sqlite::SqliteOptions {
-                    namespace: opts.namespace.clone(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap_or_else(|e| panic!("backend opens: {e}")),
+            RedisBackend::connect(&Self::url(opts).await, Self::options(opts))
+                .await
+                .unwrap_or_else(|e| panic!("Redis backend connects: {e}")),
         )
     }
 
@@ -156,12 +146,6 @@ impl AdapterFactory for RedisFactory {
             .arg(user_of(&opts.namespace))
             .query_async(&mut c)
             .await;
-        let path = backend_path(opts);
-        for suffix in ["", "-wal", "-shm"] {
-            let mut p = path.clone().into_os_string();
-            p.push(suffix);
-            let _ = std::fs::remove_file(p);
-        }
     }
 
     /// Kills every connection of this case (its ACL user), the blocking
@@ -212,4 +196,92 @@ impl AdapterFactory for RedisFactory {
 mod conformance {
     use super::RedisFactory;
     stem_core::conformance_tests!(redis, RedisFactory);
+}
+
+/// The Redis broker with the SQLite result backend (one file per case's
+/// storage): every case of [`RedisFactory`] but the backend's.
+struct MixedFactory;
+
+#[async_trait::async_trait]
+impl AdapterFactory for MixedFactory {
+    fn name(&self) -> &'static str {
+        "redis+sqlite"
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        RedisFactory.unavailable()
+    }
+
+    async fn broker(&self, opts: &KitOptions) -> Arc<dyn Broker> {
+        RedisFactory.broker(opts).await
+    }
+
+    async fn backend(&self, opts: &KitOptions) -> Arc<dyn ResultBackend> {
+        Arc::new(
+            stem_adapters::sqlite::SqliteBackend::open(
+                backend_path(opts),
+                stem_adapters::sqlite::SqliteOptions {
+                    namespace: opts.namespace.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("SQLite backend opens: {e}")),
+        )
+    }
+
+    async fn peer_backend(&self, opts: &KitOptions) -> Arc<dyn ResultBackend> {
+        Arc::new(
+            stem_adapters::sqlite::SqliteBackend::open_unshared(
+                backend_path(opts),
+                stem_adapters::sqlite::SqliteOptions {
+                    namespace: opts.namespace.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("SQLite backend opens: {e}")),
+        )
+    }
+
+    async fn insert_garbage(&self, opts: &KitOptions, queue: &str, bytes: &[u8]) {
+        RedisFactory.insert_garbage(opts, queue, bytes).await;
+    }
+
+    async fn cleanup(&self, opts: &KitOptions) {
+        RedisFactory.cleanup(opts).await;
+        let path = backend_path(opts);
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    fn tick(&self) -> Duration {
+        Duration::from_millis(50)
+    }
+}
+
+/// The chord cases (R5) on the mixed deployment.
+mod mixed {
+    use super::MixedFactory;
+
+    macro_rules! mixed_cases {
+        ($($module:ident :: $case:ident),* $(,)?) => {$(
+            #[test]
+            fn $case() {
+                if stem_core::kit::server_missing(&MixedFactory, stringify!($case)) {
+                    return;
+                }
+                stem_core::kit::run(async { stem_core::kit::$module::$case(&MixedFactory).await });
+            }
+        )*};
+    }
+
+    mixed_cases!(
+        backend::r5_chords,
+        backend::r5_chord_waits_for_terminal_members,
+        races::r5_race_chord_finishers,
+    );
 }

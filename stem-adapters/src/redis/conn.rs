@@ -113,6 +113,29 @@ impl Conn {
             .await
     }
 
+    /// A RESP3 connection of its own for pub/sub: every push it receives
+    /// (messages, subscription confirmations, and the library's notice
+    /// that the connection dropped) goes to `push`.
+    pub(crate) async fn subscriber(
+        &self,
+        push: tokio::sync::mpsc::UnboundedSender<redis::PushInfo>,
+        response_timeout: Duration,
+    ) -> Result<MultiplexedConnection, RedisError> {
+        let info = self.client.get_connection_info().clone();
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(settings))?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(response_timeout))
+            .set_push_sender(push);
+        client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    }
+
     /// Keeps a blocking connection whose read has returned for the next one.
     pub(crate) fn give_back(&self, c: MultiplexedConnection) {
         if let Ok(mut v) = self.blockers.lock()
@@ -194,6 +217,24 @@ impl Conn {
             }
         } else {
             BrokerError::Storage {
+                adapter: self.describe.clone(),
+                reason,
+                source: Some(Cause::new(e)),
+            }
+        }
+    }
+
+    /// A Redis error as a backend error (see [`Conn::broker_error`]).
+    pub(crate) fn backend_error(&self, what: &str, e: RedisError) -> BackendError {
+        let reason = format!("{what}: {e}");
+        if unreachable(&e) {
+            BackendError::Unavailable {
+                adapter: self.describe.clone(),
+                reason,
+                source: Some(Cause::new(e)),
+            }
+        } else {
+            BackendError::Storage {
                 adapter: self.describe.clone(),
                 reason,
                 source: Some(Cause::new(e)),

@@ -16,6 +16,8 @@
 
 use std::fmt::Write as _;
 
+use stem_core::TaskId;
+
 /// Number of priority levels (0..=9).
 pub(crate) const LEVELS: usize = 10;
 
@@ -67,6 +69,18 @@ impl NsKeys {
         format!("{}:leader", self.base)
     }
 
+    pub(crate) fn workers(&self) -> String {
+        format!("{}:workers", self.base)
+    }
+
+    pub(crate) fn seen(&self) -> String {
+        format!("{}:seen", self.base)
+    }
+
+    pub(crate) fn revoked(&self, id: TaskId) -> String {
+        format!("{}:rv:{id}", self.base)
+    }
+
     pub(crate) fn channel(&self, channel: &str) -> String {
         format!("{}:bc:{}", self.base, escape(channel))
     }
@@ -75,6 +89,26 @@ impl NsKeys {
         QueueKeys {
             base: format!("stem:{{{}:q:{}}}", self.ns, escape(queue)),
         }
+    }
+
+    /// The record of task `id`: a hash.
+    pub(crate) fn record(&self, id: TaskId) -> String {
+        format!("stem:{{{}:r:{id}}}", self.ns)
+    }
+
+    /// The shard channel announcing that task `id` reached a final state.
+    pub(crate) fn record_done(&self, id: TaskId) -> String {
+        format!("stem:{{{}:r:{id}}}:done", self.ns)
+    }
+
+    /// The keys of group `id`: meta hash, members list, done set.
+    pub(crate) fn group(&self, id: TaskId) -> [String; 3] {
+        let base = format!("stem:{{{}:g:{id}}}", self.ns);
+        [
+            format!("{base}:meta"),
+            format!("{base}:members"),
+            format!("{base}:done"),
+        ]
     }
 }
 
@@ -174,7 +208,13 @@ mod tests {
         let qb = b.queue("x").stream(0);
         assert_ne!(qa, qb);
         let [p1, p2] = a.patterns();
-        for k in [qb, b.queues(), b.leader(), b.channel("c")] {
+        for k in [
+            qb,
+            b.queues(),
+            b.leader(),
+            b.record(TaskId::new()),
+            b.channel("c"),
+        ] {
             let m = |p: &str| k.starts_with(p.trim_end_matches('*'));
             assert!(!m(&p1) && !m(&p2), "{k} matched a pattern of app");
         }

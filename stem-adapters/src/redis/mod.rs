@@ -1,6 +1,6 @@
 //! The Redis adapter: the `redis://` and `rediss://` broker on Redis
-//! Streams, the production default (the result backend comes next; pair the
-//! broker with `sqlite://` results meanwhile). Many workers on many machines
+//! Streams, the production default, and the result backend beside it. Many
+//! workers on many machines
 //! share one Redis; every decision about time (delays, leases, expiry) is
 //! made inside Redis by its own clock (`TIME` in a script), never by a
 //! client's.
@@ -48,6 +48,7 @@
 //! write; delayed work and lease expiries bound the block. Nothing polls.
 
 mod admin;
+mod backend;
 mod broadcast;
 mod broker;
 mod conn;
@@ -57,10 +58,12 @@ mod maintain;
 mod publish;
 mod scripts;
 mod settle;
+mod waiters;
 mod wire;
 
 use std::time::Duration;
 
+pub use backend::RedisBackend;
 pub use broker::RedisBroker;
 
 use stem_core::StemError;
@@ -221,11 +224,23 @@ fn open_broker(
     })
 }
 
+fn open_backend(
+    opts: ConnectOptions,
+) -> futures::future::BoxFuture<
+    'static,
+    Result<std::sync::Arc<dyn stem_core::ResultBackend>, StemError>,
+> {
+    Box::pin(async move {
+        let b = RedisBackend::connect(&opts.url, options_for(&opts)).await?;
+        Ok(std::sync::Arc::new(b) as std::sync::Arc<dyn stem_core::ResultBackend>)
+    })
+}
+
 inventory::submit! {
     AdapterEntry {
         scheme: SCHEME,
         broker: Some(open_broker),
-        backend: None,
+        backend: Some(open_backend),
     }
 }
 
@@ -233,11 +248,11 @@ inventory::submit! {
     AdapterEntry {
         scheme: TLS_SCHEME,
         broker: Some(open_broker),
-        backend: None,
+        backend: Some(open_backend),
     }
 }
 
-type Openers = stem_core::url::BrokerOpener;
+type Openers = (stem_core::url::BrokerOpener, stem_core::url::BackendOpener);
 
 pub(crate) fn ms_of(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -247,7 +262,7 @@ pub(crate) fn ms_of(d: Duration) -> u64 {
 /// in the binary.
 #[inline(never)]
 pub(crate) fn link() -> usize {
-    let openers: [Openers; 1] = [open_broker];
+    let openers: [Openers; 1] = [(open_broker, open_backend)];
     std::hint::black_box(&openers).len()
 }
 
