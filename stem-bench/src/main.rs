@@ -79,7 +79,7 @@ pub(crate) type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 )]
 #[allow(clippy::struct_excessive_bools)]
 struct Cli {
-    /// Broker URL: `memory://[name]` or `sqlite:///path/file.db` (`sqlite://` alone: a temp file).
+    /// Broker URL: `memory://[name]`, `sqlite:///path/file.db` (`sqlite://` alone: a temp file) or `redis://host:6379`.
     #[arg(long, default_value = "memory://")]
     broker: String,
     /// Result backend URL; without one no results are written.
@@ -97,6 +97,10 @@ struct Cli {
     /// The worker's longest wait per fetch, e.g. `100ms` (default: the runtime's).
     #[arg(long, value_parser = humantime::parse_duration)]
     poll_interval: Option<Duration>,
+    /// Concurrent producers in the enqueue scenario, each awaiting one
+    /// enqueue at a time.
+    #[arg(long, default_value_t = 1)]
+    producers: usize,
     /// Tasks per `enqueue_many` call (enqueue-batch, and the drain preload).
     #[arg(long, default_value_t = 500)]
     batch: usize,
@@ -238,6 +242,7 @@ fn bench_for(
         adapter,
         run_id: format!("{}_{unix_ms}", std::process::id()),
         tasks: cli.tasks,
+        producers: cli.producers.max(1),
         batch: cli.batch.max(1),
         payload_bytes: cli.payload_bytes,
         rate: cli.rate,

@@ -16,6 +16,8 @@ pub(crate) struct Settings {
     pub(crate) prefetch: usize,
     /// The worker's longest wait per fetch, ms.
     pub(crate) poll_interval_ms: f64,
+    /// Concurrent producers of the enqueue scenario.
+    pub(crate) producers: usize,
     /// Tasks per `enqueue_many` call.
     pub(crate) batch: usize,
     /// Padding carried by each task's arguments.
@@ -193,6 +195,7 @@ mod tests {
                 concurrency: 16,
                 prefetch: 16,
                 poll_interval_ms: 1000.0,
+                producers: 1,
                 batch: 500,
                 payload_bytes: 0,
                 rate: 500,

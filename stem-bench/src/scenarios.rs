@@ -69,6 +69,8 @@ pub(crate) struct Bench {
     pub(crate) run_id: String,
     /// Tasks for enqueue, enqueue-batch and drain.
     pub(crate) tasks: u64,
+    /// Concurrent producers of the enqueue scenario.
+    pub(crate) producers: usize,
     /// Batch size of `enqueue_many`.
     pub(crate) batch: usize,
     /// Padding per task.
@@ -143,7 +145,7 @@ impl Bench {
             Scenario::Latency => self.latency(&client, &ns).await?,
             Scenario::All => return Err("`all` is not one scenario".into()),
         };
-        self.forget(&ns);
+        self.forget(&ns).await?;
         let mut notes = m.notes;
         notes.push(format!(
             "scenario wall time {:.3} s (setup, preload and verification included)",
@@ -160,6 +162,7 @@ impl Bench {
                 concurrency,
                 prefetch,
                 poll_interval_ms: poll.as_secs_f64() * 1e3,
+                producers: self.producers,
                 batch: self.batch,
                 payload_bytes: self.payload_bytes,
                 rate: self.rate,
@@ -205,12 +208,19 @@ impl Bench {
         Ok((c.concurrency, c.prefetch, c.poll_interval))
     }
 
-    /// Frees a `memory://` scenario's queues (a no-op for other adapters).
-    fn forget(&self, ns: &str) {
+    /// Frees a scenario's storage: a `memory://` scenario's queues, a
+    /// Redis namespace's keys (SQLite's temp file goes with the run).
+    async fn forget(&self, ns: &str) -> Res<()> {
         if let Some(rest) = self.broker.strip_prefix("memory://") {
             let name = rest.split('?').next().unwrap_or("");
             stem::memory::forget_shared(name, ns);
         }
+        if self.broker.starts_with("redis://") || self.broker.starts_with("rediss://") {
+            use stem::adapters::redis::{RedisBroker, RedisOptions};
+            let b = RedisBroker::connect(&self.broker, RedisOptions::default()).await?;
+            b.delete_namespace(ns).await?;
+        }
+        Ok(())
     }
 
     /// `enqueue` (one `enqueue_on` per task) or `enqueue-batch`
@@ -223,9 +233,25 @@ impl Bench {
         let t0 = Instant::now();
         if batched {
             self.enqueue_batches(client, n, &pad).await?;
-        } else {
+        } else if self.producers <= 1 {
             for seq in self.seqs(0, n) {
                 bench_noop::enqueue_on(client, seq, 0, pad.clone()).await?;
+            }
+        } else {
+            let p = self.producers as u64;
+            let mut set = tokio::task::JoinSet::new();
+            for k in 0..p {
+                let seqs: Vec<u64> = self.seqs(0, n).filter(|s| s % p == k).collect();
+                let (client, pad) = (client.clone(), pad.clone());
+                set.spawn(async move {
+                    for seq in seqs {
+                        bench_noop::enqueue_on(&client, seq, 0, pad.clone()).await?;
+                    }
+                    Ok::<(), stem::StemError>(())
+                });
+            }
+            while let Some(r) = set.join_next().await {
+                r??;
             }
         }
         let elapsed = t0.elapsed();

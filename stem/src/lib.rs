@@ -54,6 +54,8 @@ pub use stem_macros::task;
 
 /// The adapters compiled into this build (see the cargo features).
 pub mod adapters {
+    #[cfg(feature = "redis")]
+    pub use stem_adapters::redis;
     #[cfg(feature = "sqlite")]
     pub use stem_adapters::sqlite;
 }

@@ -230,6 +230,7 @@ async fn one_queue(
                         level,
                         entry,
                         fence,
+                        deliveries,
                         consumer: consumer.clone(),
                         envelope: envelope.clone(),
                     },
@@ -244,7 +245,17 @@ async fn one_queue(
                 buried = true;
                 let id = id_in(raw).unwrap_or_else(TaskId::new);
                 tracing::warn!(queue = %name, task_id = %id, error = %e, "dead-lettering bytes that are not an envelope");
-                settle::bury(b, name, level, &entry, fence, id, &undecodable_reason(&e)).await?;
+                settle::bury(
+                    b,
+                    name,
+                    level,
+                    &entry,
+                    fence,
+                    id,
+                    raw,
+                    &undecodable_reason(&e),
+                )
+                .await?;
             }
         }
     }

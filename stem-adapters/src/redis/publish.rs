@@ -1,8 +1,9 @@
 //! `publish` and `publish_many`: a plain `XADD` for an envelope with no
 //! delay and no unique key (one round trip, no script), else `publish.lua`,
 //! which takes the unique key and stores the envelope atomically. A batch
-//! is one script call (all-or-nothing), split only past
-//! [`MAX_BATCH`] envelopes or [`MAX_BATCH_BYTES`].
+//! is one atomic call (`MULTI`/`EXEC` of plain `XADD`s when nothing in it
+//! is delayed or unique, else one script), split only past [`MAX_BATCH`]
+//! envelopes or [`MAX_BATCH_BYTES`].
 
 use std::collections::HashMap;
 
@@ -121,8 +122,27 @@ pub(crate) async fn publish_many(
     Ok(out)
 }
 
-/// One `publish.lua` call for `batch` (any mix of queues).
+/// Stores `batch` (any mix of queues) in one atomic round trip: plain
+/// `XADD`s inside `MULTI`/`EXEC` when no envelope has a delay or a unique
+/// key (nothing to decide), else one `publish.lua` call.
 async fn run(b: &RedisBroker, batch: &[Prepared]) -> Result<Vec<Published>, BrokerError> {
+    if batch.iter().all(|p| p.delay_ms == 0 && p.unique.is_empty()) {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for p in batch {
+            pipe.cmd("XADD")
+                .arg(b.queue_keys(&p.queue).stream(usize::from(p.level)))
+                .arg("*")
+                .arg("e")
+                .arg(&p.payload)
+                .ignore();
+        }
+        let mut c = b.conn.cmd();
+        pipe.query_async::<()>(&mut c)
+            .await
+            .map_err(|e| b.conn.broker_error("publishing", e))?;
+        return Ok(batch.iter().map(|p| Published::Stored(p.id)).collect());
+    }
     let mut index: HashMap<&str, usize> = HashMap::new();
     let mut order: Vec<&str> = Vec::new();
     for p in batch {

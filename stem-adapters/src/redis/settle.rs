@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use redis::Value;
 use stem_core::broker::charged;
-use stem_core::{BrokerError, Disposition, Receipt, Settlement, TaskId};
+use stem_core::{BrokerError, Disposition, Receipt, Settlement, TaskId, UniqueRelease};
+
+use super::keys::escape;
 
 use super::broker::RedisBroker;
 use super::ms_of;
@@ -90,23 +92,26 @@ pub(crate) async fn settle(b: &RedisBroker, batch: &[Settlement]) -> Vec<Result<
     out
 }
 
-/// The 9 script values of one settlement.
+/// The 12 script values of one settlement.
 fn item(s: &Settlement, r: &RedisReceipt) -> Result<Vec<Vec<u8>>, BrokerError> {
     let (kind, after, reason, error) = match &s.disposition {
         Disposition::Ack => ("a", Duration::ZERO, "", None),
-        Disposition::Retry { after, error } => ("r", *after, "", Some(error.as_str())),
+        Disposition::Retry { after, .. } => ("r", *after, "", None),
         Disposition::Release { after } => ("l", *after, "", None),
         Disposition::DeadLetter { reason, error, .. } => {
             ("d", Duration::ZERO, reason.as_str(), error.as_deref())
         }
     };
-    let payload = match charged(&r.envelope, &s.disposition) {
-        Some(next) => next.encode()?,
-        None => Vec::new(),
+    // What is stored next: the charged envelope (retry, charging dead
+    // letter), the same one (release, other dead letters), nothing (ack).
+    let payload = match (&s.disposition, charged(&r.envelope, &s.disposition)) {
+        (Disposition::Ack, _) => Vec::new(),
+        (_, Some(next)) => next.encode()?,
+        (_, None) => r.envelope.encode()?,
     };
-    let error = match &s.disposition {
-        Disposition::DeadLetter { .. } => error.unwrap_or(""),
-        _ => "",
+    let (unique, on_finish) = match &r.envelope.unique {
+        Some(u) => (escape(&u.key), u.release == UniqueRelease::OnFinish),
+        None => (String::new(), false),
     };
     Ok(vec![
         kind.as_bytes().to_vec(),
@@ -116,13 +121,21 @@ fn item(s: &Settlement, r: &RedisReceipt) -> Result<Vec<Vec<u8>>, BrokerError> {
         ms_of(after).to_string().into_bytes(),
         payload,
         reason.as_bytes().to_vec(),
-        error.as_bytes().to_vec(),
+        error.unwrap_or("").as_bytes().to_vec(),
         s.receipt.task_id.to_string().into_bytes(),
+        unique.into_bytes(),
+        if on_finish {
+            b"1".to_vec()
+        } else {
+            b"0".to_vec()
+        },
+        r.deliveries.to_string().into_bytes(),
     ])
 }
 
 /// Dead-letters a delivery whose bytes are not an envelope (B16), fenced
-/// like any settlement.
+/// like any settlement; the bytes are kept as they were.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn bury(
     b: &RedisBroker,
     queue: &str,
@@ -130,6 +143,7 @@ pub(crate) async fn bury(
     entry: &str,
     fence: u64,
     id: TaskId,
+    raw: &[u8],
     reason: &str,
 ) -> Result<(), BrokerError> {
     let keys = b.queue_keys(queue);
@@ -145,10 +159,13 @@ pub(crate) async fn bury(
         .arg(entry)
         .arg(fence)
         .arg(0)
-        .arg("")
+        .arg(raw)
         .arg(reason)
         .arg("")
-        .arg(id.to_string());
+        .arg(id.to_string())
+        .arg("")
+        .arg("0")
+        .arg(0);
     let mut c = b.conn.cmd();
     inv.invoke_async::<Value>(&mut c)
         .await

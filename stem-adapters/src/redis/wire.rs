@@ -15,6 +15,9 @@ pub(crate) struct RedisReceipt {
     pub(crate) level: u8,
     pub(crate) entry: String,
     pub(crate) fence: u64,
+    /// Hand-outs so far, this one included (`Delivery::deliveries`): the
+    /// base count a retried or released copy carries on.
+    pub(crate) deliveries: u32,
     pub(crate) consumer: Arc<str>,
     /// The delivered envelope (the same allocation as the delivery's), so
     /// a retry can charge it without reading it back.

@@ -3,12 +3,13 @@
 -- Returns per receipt 1 (extended) or 0 (lease lost).
 local lease, n = tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {}
+local deadline = string.format('%d', now + lease)
 for k = 0, n - 1 do
   local b = 4 + k * 4
   local level, id, fence, consumer = tonumber(ARGV[b]), ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
   local member = id .. '|' .. fence
   if redis.call('ZSCORE', leases(level), member) then
-    redis.call('ZADD', leases(level), 'XX', now + lease, member)
+    redis.call('ZADD', leases(level), 'XX', deadline, member)
     redis.call('XCLAIM', stream(level), 'stem', consumer, 0, id, 'JUSTID')
     out[k + 1] = 1
   else

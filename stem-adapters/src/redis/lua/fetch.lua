@@ -13,6 +13,9 @@ for _, m in ipairs(due) do
   redis.call('ZREM', DELAYED(), m)
 end
 local out = {1}
+-- The new deadline as text once: a number handed to redis.call is
+-- formatted per call.
+local deadline = string.format('%d', now + lease)
 local remaining = max
 local meta_lease = tonumber(redis.call('HGET', META(), 'maxlease') or '0')
 if lease > meta_lease then redis.call('HSET', META(), 'maxlease', lease) end
@@ -26,7 +29,7 @@ for level = 9, 0, -1 do
     redis.call('ZREM', lk, m)
     local c = redis.call('XCLAIM', sk, 'stem', consumer, 0, id, 'RETRYCOUNT', fence + 1)
     if c[1] then
-      redis.call('ZADD', lk, now + lease, id .. '|' .. (fence + 1))
+      redis.call('ZADD', lk, deadline, id .. '|' .. (fence + 1))
       local f = fields_of(c[1][2])
       table.insert(out, level); table.insert(out, id); table.insert(out, fence + 1)
       table.insert(out, f['d'] or '0'); table.insert(out, f['e'] or '')
@@ -40,13 +43,20 @@ for level = 9, 0, -1 do
       r = redis.call('XREADGROUP', 'GROUP', 'stem', consumer, 'COUNT', remaining, 'STREAMS', sk, '>')
     end
     if r and r[1] then
+      local zargs = {}
       for _, e in ipairs(r[1][2]) do
-        local id = e[1]
-        redis.call('ZADD', lk, now + lease, id .. '|1')
-        local f = fields_of(e[2])
-        table.insert(out, level); table.insert(out, id); table.insert(out, 1)
-        table.insert(out, f['d'] or '0'); table.insert(out, f['e'] or '')
+        local id, f = e[1], e[2]
+        zargs[#zargs + 1] = deadline
+        zargs[#zargs + 1] = id .. '|1'
+        -- Fields are written `e` first, then `d` when present.
+        local d = '0'
+        if f[3] == 'd' then d = f[4] end
+        out[#out + 1] = level; out[#out + 1] = id; out[#out + 1] = 1
+        out[#out + 1] = d; out[#out + 1] = f[2] or ''
         remaining = remaining - 1
+      end
+      for c = 1, #zargs, 1000 do
+        redis.call('ZADD', lk, unpack(zargs, c, math.min(c + 999, #zargs)))
       end
     end
   end
