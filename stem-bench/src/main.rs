@@ -97,6 +97,10 @@ struct Cli {
     /// The worker's longest wait per fetch, e.g. `100ms` (default: the runtime's).
     #[arg(long, value_parser = humantime::parse_duration)]
     poll_interval: Option<Duration>,
+    /// Of the drain scenario's `--tasks`, how many are published with a
+    /// delay of 1 to 3 s (the rest are ready at once).
+    #[arg(long, default_value_t = 0)]
+    delayed: u64,
     /// Concurrent producers in the enqueue scenario, each awaiting one
     /// enqueue at a time.
     #[arg(long, default_value_t = 1)]
@@ -243,6 +247,7 @@ fn bench_for(
         run_id: format!("{}_{unix_ms}", std::process::id()),
         tasks: cli.tasks,
         producers: cli.producers.max(1),
+        delayed: cli.delayed.min(cli.tasks),
         batch: cli.batch.max(1),
         payload_bytes: cli.payload_bytes,
         rate: cli.rate,

@@ -71,6 +71,8 @@ pub(crate) struct Bench {
     pub(crate) tasks: u64,
     /// Concurrent producers of the enqueue scenario.
     pub(crate) producers: usize,
+    /// Drain tasks published with a 1-3 s delay.
+    pub(crate) delayed: u64,
     /// Batch size of `enqueue_many`.
     pub(crate) batch: usize,
     /// Padding per task.
@@ -232,7 +234,7 @@ impl Bench {
         let cpu0 = sys::cpu_seconds("self")?;
         let t0 = Instant::now();
         if batched {
-            self.enqueue_batches(client, n, &pad).await?;
+            self.enqueue_batches(client, n, 0, &pad).await?;
         } else if self.producers <= 1 {
             for seq in self.seqs(0, n) {
                 bench_noop::enqueue_on(client, seq, 0, pad.clone()).await?;
@@ -270,15 +272,29 @@ impl Bench {
         })
     }
 
-    async fn enqueue_batches(&self, client: &Stem, n: u64, pad: &str) -> Res<Vec<TaskId>> {
+    /// Enqueues tasks `0..n` in batches; the last `delayed` of them with a
+    /// delay of 1 to 3 s (one delay per batch, spread over the batches).
+    async fn enqueue_batches(
+        &self,
+        client: &Stem,
+        n: u64,
+        delayed: u64,
+        pad: &str,
+    ) -> Res<Vec<TaskId>> {
         let batch = self.batch.max(1) as u64;
         let keep = client.backend().is_some();
         let mut ids = Vec::new();
         let mut lo = 0;
+        let first_delayed = n - delayed.min(n);
         while lo < n {
-            let hi = (lo + batch).min(n);
-            let handles = bench_noop::with()
-                .on(client)
+            let hi = (lo + batch)
+                .min(n)
+                .min(if lo < first_delayed { first_delayed } else { n });
+            let mut with = bench_noop::with().on(client);
+            if lo >= first_delayed {
+                with = with.delay(Duration::from_millis(1000 + (lo * 7919) % 2000));
+            }
+            let handles = with
                 .enqueue_many(self.seqs(lo, hi).map(|seq| self.args(seq, 0, pad)))
                 .await?;
             if keep {
@@ -317,16 +333,20 @@ impl Bench {
         let n = self.tasks;
         let pad = self.pad();
         let t_pre = Instant::now();
-        let ids = self.enqueue_batches(client, n, &pad).await?;
+        let ids = self.enqueue_batches(client, n, self.delayed, &pad).await?;
         let preload = t_pre.elapsed();
         let st = client.stats(QUEUE).await?;
-        if st.ready != n {
-            return Err(
-                format!("preloaded {n} tasks but the queue holds {} ready", st.ready).into(),
-            );
+        if st.ready + st.delayed != n {
+            return Err(format!(
+                "preloaded {n} tasks but the queue holds {} ready and {} delayed",
+                st.ready, st.delayed
+            )
+            .into());
         }
         let mut notes = vec![format!(
-            "preload: {n} tasks in batches of {} took {:.3} s",
+            "preload: {n} tasks ({} delayed by 1-3 s; {} still delayed when the worker started) in batches of {} took {:.3} s",
+            self.delayed,
+            st.delayed,
             self.batch,
             preload.as_secs_f64()
         )];
