@@ -303,12 +303,13 @@ async fn redis_restart_with_aof_loses_nothing() {
     let at_kill = ledger::read(&ledger_path);
     let done_at_kill = ledger::counts(&at_kill, "done").len();
 
-    // The outage: every publish answers, and answers Err. They go at once
-    // (one after another, each waits out the client's reconnect attempts,
-    // about 4.5 s).
-    let gap = futures::future::join_all((0..20).map(|i| {
+    // The outage, about 3 s: every publish answers, and answers Err. They
+    // start 150 ms apart without waiting for each other (one may wait out
+    // the client's reconnect attempts, about 4.7 s).
+    let gap = futures::future::join_all((0..20u32).map(|i| {
         let stem = stem.clone();
         async move {
+            tokio::time::sleep(Duration::from_millis(150) * i).await;
             let key = format!("gap-{i}");
             let begun = Instant::now();
             let r = tokio::time::timeout(
