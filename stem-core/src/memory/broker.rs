@@ -365,9 +365,10 @@ impl State {
     fn insert(&mut self, env: Arc<Envelope>, now: DateTime<Utc>) -> Published {
         let id = env.id;
         if let Some(u) = &env.unique {
+            // The holder publishing itself again is a duplicate too, as on
+            // SQLite and Redis: a retried publish stores one envelope.
             if let Some(h) = self.unique.get(&u.key)
                 && h.until > now
-                && h.holder != id
             {
                 return Published::Duplicate(h.holder);
             }

@@ -24,11 +24,8 @@ pub async fn b17_unique(f: &dyn AdapterFactory) {
         let long = TimeDelta::seconds(60);
 
         // A duplicate returns the holder.
-        let holder = publish(
-            &*b,
-            unique_job("uq", 1, "k-dup", long, UniqueRelease::OnFinish),
-        )
-        .await;
+        let first = unique_job("uq", 1, "k-dup", long, UniqueRelease::OnFinish);
+        let holder = publish(&*b, first.clone()).await;
         let dup = b
             .publish(unique_job("uq", 2, "k-dup", long, UniqueRelease::OnFinish))
             .await
@@ -37,6 +34,12 @@ pub async fn b17_unique(f: &dyn AdapterFactory) {
             dup,
             Published::Duplicate(holder),
             "a duplicate returns the holder's id"
+        );
+        let again = b.publish(first).await.expect("publish");
+        assert_eq!(
+            again,
+            Published::Duplicate(holder),
+            "the holder published again (a retried publish) is a duplicate too"
         );
         let dups = b
             .publish_many(vec![
