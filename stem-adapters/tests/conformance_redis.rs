@@ -137,9 +137,18 @@ impl AdapterFactory for RedisFactory {
             .unwrap_or_else(|e| panic!("garbage inserted: {e}"));
     }
 
+    /// Deletes the namespace's keys and its ACL user, then checks that no
+    /// key of the namespace is left (a finished case leaves nothing).
     async fn cleanup(&self, opts: &KitOptions) {
         let b = Self::open(opts, Self::options(opts)).await;
-        let _ = b.delete_namespace(&opts.namespace).await;
+        b.delete_namespace(&opts.namespace)
+            .await
+            .unwrap_or_else(|e| panic!("namespace deleted: {e}"));
+        let left = b
+            .delete_namespace(&opts.namespace)
+            .await
+            .unwrap_or_else(|e| panic!("namespace scanned: {e}"));
+        assert_eq!(left, 0, "keys of {} outlived its cleanup", opts.namespace);
         let mut c = admin().await;
         let _: redis::RedisResult<()> = redis::cmd("ACL")
             .arg("DELUSER")
