@@ -94,7 +94,9 @@ pub struct RedisOptions {
     /// `wait` longer than this is several reads).
     pub max_block: Duration,
     /// A consumer (worker) with nothing pending and idle this long is
-    /// removed from its consumer groups by `maintain`.
+    /// removed from its consumer groups by `maintain`. A live worker that
+    /// sits idle that long is removed too (its blocking waits do not touch
+    /// the group); that is harmless, its next fetch joins again.
     pub consumer_idle: Duration,
     /// The clock this client reads for what it stamps itself (record
     /// timestamps when the worker gave none). Delays, leases and expiry are
