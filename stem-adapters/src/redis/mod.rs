@@ -42,6 +42,13 @@
 //! keeps nothing on disk or may evict keys (`maxmemory-policy` other than
 //! `noeviction`).
 //!
+//! # Outages
+//! Connections reconnect by themselves. While Redis is unreachable a call
+//! answers `Unavailable` (within about `response_timeout`, 5 s by default:
+//! one that arrives while the client is reconnecting waits for that
+//! attempt), never a false `Ok`; a blocking fetch or a broadcast
+//! subscription in progress rides the outage out and resumes.
+//!
 //! # Waiting
 //! An idle consumer blocks in Redis (`XREAD BLOCK` on the queue's streams
 //! and a timer stream, on a connection of its own) and wakes on the next
