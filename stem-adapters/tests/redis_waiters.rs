@@ -40,6 +40,47 @@ fn no_server(test: &str) -> bool {
     true
 }
 
+/// Deletes a namespace's keys when dropped, so a failing test leaves
+/// nothing behind either (test namespaces need no escaping).
+struct DeleteOnDrop {
+    url: String,
+    namespace: String,
+}
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        let Ok(mut c) = redis::Client::open(self.url.as_str()).and_then(|c| c.get_connection())
+        else {
+            return;
+        };
+        for pattern in [
+            format!("stem:{{{}}}*", self.namespace),
+            format!("stem:{{{}:*", self.namespace),
+        ] {
+            let mut cursor = 0_u64;
+            loop {
+                let Ok((next, keys)) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query::<(u64, Vec<String>)>(&mut c)
+                else {
+                    break;
+                };
+                if !keys.is_empty() {
+                    let _: redis::RedisResult<()> = redis::cmd("UNLINK").arg(&keys).query(&mut c);
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+    }
+}
+
 async fn connect(namespace: &str) -> RedisBackend {
     RedisBackend::connect(
         &url(),
@@ -94,6 +135,10 @@ fn ten_thousand_waiters_share_one_connection() {
             "kit_redis_waiters_{}",
             TaskId::new().to_string().replace('-', "")
         );
+        let _cleanup = DeleteOnDrop {
+            url: url(),
+            namespace: ns.clone(),
+        };
         let b = Arc::new(connect(&ns).await);
         let mut admin = raw().await;
         let (clients_before, _) = clients(&mut admin).await;
@@ -217,6 +262,10 @@ fn a_waiter_survives_its_subscriber_connection_dying() {
             "kit_redis_resub_{}",
             TaskId::new().to_string().replace('-', "")
         );
+        let _cleanup = DeleteOnDrop {
+            url: url(),
+            namespace: ns.clone(),
+        };
         let b = Arc::new(connect(&ns).await);
         let writer = connect(&ns).await;
         let mut admin = raw().await;

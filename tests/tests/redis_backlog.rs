@@ -83,6 +83,32 @@ fn no_server() -> bool {
     true
 }
 
+/// Deletes a namespace's keys when dropped, so a failing test leaves
+/// nothing behind either (on a thread of its own: a drop cannot await).
+struct DeleteOnDrop {
+    url: String,
+    namespace: String,
+}
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        let (url, ns) = (self.url.clone(), self.namespace.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                let b = RedisBroker::connect(&url, RedisOptions::default())
+                    .await
+                    .ok()?;
+                b.delete_namespace(&ns).await.ok()
+            })
+        })
+        .join();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_backlog_of_50000_drains_exactly_once_and_never_early() {
     if no_server() {
@@ -92,6 +118,10 @@ async fn redis_backlog_of_50000_drains_exactly_once_and_never_early() {
         "backlog_{}",
         stem::TaskId::new().to_string().replace('-', "")
     );
+    let _cleanup = DeleteOnDrop {
+        url: url(),
+        namespace: ns.clone(),
+    };
     let stem = stem::connect_with(&url(), None, &ns)
         .await
         .expect("connect");
