@@ -86,7 +86,7 @@ enum Mode {
         client: redis::Client,
         pool: Vec<ConnectionManager>,
     },
-    Cluster(Box<Cluster>),
+    Cluster(Cluster),
 }
 
 struct Cluster {
@@ -293,13 +293,13 @@ impl Conn {
             for _ in 0..opts.pool.max(1) {
                 pool.push(client.get_async_connection().await.map_err(cannot)?);
             }
-            Mode::Cluster(Box::new(Cluster {
+            Mode::Cluster(Cluster {
                 pool,
                 template,
                 seeds,
                 slots: Mutex::new(None),
                 next_node: AtomicUsize::new(0),
-            }))
+            })
         } else {
             let client = redis::Client::open(url).map_err(bad_url)?;
             let config = ConnectionManagerConfig::new()
