@@ -428,11 +428,13 @@ impl Conn {
     }
 
     /// Where a scan of the whole keyspace must look: the server, or every
-    /// primary of the cluster (`None` stands for the standalone server).
+    /// primary of the cluster, from a slot map asked now (a failover may
+    /// have changed them; `None` stands for the standalone server).
     pub(crate) async fn nodes(&self) -> RedisResult<Vec<Option<Node>>> {
         match &self.mode {
             Mode::Single { .. } => Ok(vec![None]),
             Mode::Cluster(c) => {
+                self.forget_slots();
                 let mut out: Vec<Option<Node>> = Vec::new();
                 for r in self.slot_map(c).await?.iter() {
                     if !out.iter().any(|n| n.as_ref() == Some(&r.node)) {

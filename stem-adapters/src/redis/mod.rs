@@ -28,10 +28,38 @@
 //! moved to their stream by the fetch script when Redis's clock says so.
 //!
 //! Every key of one queue carries the queue's hash tag
-//! (`stem:{<namespace>:q:<queue>}:…`), so each script touches one slot
-//! (the layout is ready for Redis Cluster); names are percent-encoded, so
-//! `app` and `app2`, or names holding `:` or `{`, never collide. See
-//! `docs/plans/redis-streams.md` for the whole layout.
+//! (`stem:{<namespace>:q:<queue>}:…`), so each script touches one slot;
+//! names are percent-encoded, so `app` and `app2`, or names holding `:` or
+//! `{`, never collide. See `docs/plans/redis-streams.md` for the whole
+//! layout.
+//!
+//! # Redis Cluster
+//! `?cluster=true` (with `seeds=host:port,…` for more seed nodes; the
+//! database must be 0) talks to a Redis Cluster; everything else is the
+//! same. Every command and script touches one slot: a queue's keys share
+//! the queue's slot (scripts that build unique-key names from the queue's
+//! prefix stay in it, which Redis 7 accepts for undeclared keys of the
+//! script's slot), the namespace's shared keys (queue set, leader,
+//! heartbeats, revocations, broadcast streams) share the namespace's slot,
+//! and each task record and group has a slot of its own, so the cluster
+//! spreads them. What differs:
+//! - `publish_many` is one call per queue, so a batch is atomic per queue,
+//!   not across queues (`atomic_batch` is false on a cluster): an error
+//!   can leave the envelopes of other queues stored.
+//! - An idle `fetch` over several queues blocks with one `XREAD` per queue,
+//!   each on a connection of its own to the node serving that queue's
+//!   slot, instead of one `XREAD` over all of them; the first to return
+//!   wins and the others' connections are discarded.
+//! - `wait` subscribes on one node (classic pub/sub reaches every node).
+//! - Namespace deletion scans every primary.
+//!
+//! ```no_run
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use stem_adapters::redis::{RedisBroker, RedisOptions};
+//! let url = "redis://10.0.0.1:7000?cluster=true&seeds=10.0.0.2:7000,10.0.0.3:7000";
+//! let broker = RedisBroker::connect(url, RedisOptions::default()).await?;
+//! # let _ = broker; Ok(()) }
+//! ```
 //!
 //! # Durability
 //! An envelope is stored when `publish` returns `Ok`. Whether it survives a
@@ -44,8 +72,9 @@
 //!
 //! # Waiting
 //! An idle consumer blocks in Redis (`XREAD BLOCK` on the queue's streams
-//! and a timer stream, on a connection of its own) and wakes on the next
-//! write; delayed work and lease expiries bound the block. Nothing polls.
+//! and a timer stream, on a connection of its own; one per queue on a
+//! cluster) and wakes on the next write; delayed work and lease expiries
+//! bound the block. Nothing polls.
 
 mod admin;
 mod backend;
