@@ -162,9 +162,9 @@ impl RedisBackend {
     }
 
     /// Deletes every key of `namespace` on the server this client is
-    /// connected to (`SCAN` of the namespace's two patterns, `UNLINK` in
-    /// batches); for test harnesses. Keys of other namespaces, `<ns>2`
-    /// included, are untouched.
+    /// connected to (`SCAN` of the namespace's two patterns, on every
+    /// primary of a cluster, `UNLINK` in batches); for test harnesses.
+    /// Keys of other namespaces, `<ns>2` included, are untouched.
     ///
     /// ```no_run
     /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -179,32 +179,10 @@ impl RedisBackend {
     /// command fails.
     #[doc(hidden)]
     pub async fn cleanup_namespace(&self, namespace: &str) -> Result<(), BackendError> {
-        let mut con = self.conn.cmd();
-        for pattern in NsKeys::new(namespace).patterns() {
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut con)
-                    .await
-                    .map_err(|e| self.err("SCAN", e))?;
-                for chunk in keys.chunks(500) {
-                    let _: i64 = redis::cmd("UNLINK")
-                        .arg(chunk)
-                        .query_async(&mut con)
-                        .await
-                        .map_err(|e| self.err("UNLINK", e))?;
-                }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
-        }
+        self.conn
+            .unlink_matching(&NsKeys::new(namespace).patterns())
+            .await
+            .map_err(|e| self.err("deleting the namespace's keys", e))?;
         Ok(())
     }
 
@@ -255,16 +233,16 @@ impl RedisBackend {
         )
     }
 
-    /// Runs `cmds` (each an `EVALSHA` of `script`) in pipelines of
-    /// [`CHUNK`], answers in order; commands refused with NOSCRIPT are sent
-    /// again once after `SCRIPT LOAD` (they did not run). A pipeline that
-    /// fails answers its error for each of its commands; the others keep
-    /// their answers.
+    /// Runs `cmds` (each an `EVALSHA` of `script`, on any slots) in
+    /// chunks of [`CHUNK`] (see [`Conn::each`]), answers in order;
+    /// commands refused with NOSCRIPT are sent again once after `SCRIPT
+    /// LOAD` (they did not run; on a cluster the load goes to every node).
+    /// A chunk that fails as a whole answers its error for each of its
+    /// commands; the others keep their answers.
     async fn pipelined(&self, script: &Script, cmds: &[redis::Cmd]) -> Vec<RedisResult<Value>> {
-        let mut con = self.conn.cmd();
         let mut out = Vec::with_capacity(cmds.len());
         for chunk in cmds.chunks(CHUNK) {
-            match Self::pipeline_chunk(script, chunk, &mut con).await {
+            match self.pipeline_chunk(script, chunk).await {
                 Ok(got) => out.extend(got),
                 Err(e) => out.extend(chunk.iter().map(|_| Err(e.clone()))),
             }
@@ -273,33 +251,18 @@ impl RedisBackend {
     }
 
     async fn pipeline_chunk(
+        &self,
         script: &Script,
         chunk: &[redis::Cmd],
-        con: &mut redis::aio::ConnectionManager,
     ) -> Result<Vec<RedisResult<Value>>, RedisError> {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for c in chunk {
-            pipe.add_command(c.clone());
-        }
-        let mut got: Vec<RedisResult<Value>> = pipe.query_async(con).await?;
-        if got.len() != chunk.len() {
-            return Err(RedisError::from((
-                redis::ErrorKind::Client,
-                "a pipeline answered a different number of replies than it had commands",
-            )));
-        }
+        let mut got = self.conn.each(chunk).await?;
         if got.iter().any(|r| r.as_ref().is_err_and(is_noscript)) {
-            script.load_async(con).await?;
+            script.load_async(&mut self.conn.cmd()).await?;
             let again: Vec<usize> = (0..got.len())
                 .filter(|i| got[*i].as_ref().is_err_and(is_noscript))
                 .collect();
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for i in &again {
-                pipe.add_command(chunk[*i].clone());
-            }
-            let retried: Vec<RedisResult<Value>> = pipe.query_async(con).await?;
+            let resend: Vec<redis::Cmd> = again.iter().map(|i| chunk[*i].clone()).collect();
+            let retried = self.conn.each(&resend).await?;
             for (i, r) in again.into_iter().zip(retried) {
                 got[i] = r;
             }
@@ -352,25 +315,28 @@ impl RedisBackend {
         }
     }
 
-    /// The records of `ids` (any slots), in order, pipelined.
+    /// The records of `ids` (any slots), in order, pipelined (one command
+    /// each on a cluster, see [`Conn::each`]).
     async fn records(&self, ids: &[TaskId]) -> Result<Vec<Option<TaskRecord>>, BackendError> {
-        let mut con = self.conn.cmd();
         let mut out = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(CHUNK) {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            for id in chunk {
-                pipe.cmd("HMGET")
-                    .arg(self.keys.record(*id))
-                    .arg("s")
-                    .arg("j");
-            }
-            let got: Vec<RedisResult<RecordFields>> = pipe
-                .query_async(&mut con)
+            let cmds: Vec<redis::Cmd> = chunk
+                .iter()
+                .map(|id| {
+                    let mut c = redis::cmd("HMGET");
+                    c.arg(self.keys.record(*id)).arg("s").arg("j");
+                    c
+                })
+                .collect();
+            let got = self
+                .conn
+                .each(&cmds)
                 .await
                 .map_err(|e| self.err("reading records", e))?;
             for (id, r) in chunk.iter().zip(got) {
-                let fields = r.map_err(|e| self.record_error(*id, "reading a record", e))?;
+                let fields: RecordFields = r
+                    .and_then(|v| Ok(redis::from_redis_value(v)?))
+                    .map_err(|e| self.record_error(*id, "reading a record", e))?;
                 out.push(Self::record_from(*id, fields)?);
             }
         }
@@ -657,13 +623,22 @@ impl ResultBackend for RedisBackend {
         }
         let mut seen = Vec::new();
         for chunk in pending.chunks(CHUNK) {
-            let mut pipe = redis::pipe();
-            for m in chunk {
-                pipe.cmd("HGET").arg(self.keys.record(*m)).arg("t");
-            }
-            let flags: Vec<Option<String>> = pipe
-                .query_async(&mut con)
+            let cmds: Vec<redis::Cmd> = chunk
+                .iter()
+                .map(|m| {
+                    let mut c = redis::cmd("HGET");
+                    c.arg(self.keys.record(*m)).arg("t");
+                    c
+                })
+                .collect();
+            let flags = self
+                .conn
+                .each(&cmds)
                 .await
+                .map_err(|e| self.err("reading members' states", e))?
+                .into_iter()
+                .map(|r| r.and_then(|v| Ok(redis::from_redis_value::<Option<String>>(v)?)))
+                .collect::<RedisResult<Vec<_>>>()
                 .map_err(|e| self.err("reading members' states", e))?;
             seen.extend(
                 chunk

@@ -3,7 +3,9 @@
 //! and then follows the stream with blocking `XREAD`s on a connection of
 //! its own, so it gets every message sent after `subscribe` returned, once,
 //! and resumes after a dropped connection from where it was (B15), which
-//! pub/sub cannot do (a reconnect gap drops its messages).
+//! pub/sub cannot do (a reconnect gap drops its messages). The stream lies
+//! in the namespace's slot; on a cluster the subscriber's connection goes
+//! to the node serving it, found again after a failed read.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,10 +96,11 @@ async fn follow(
     while !tx.is_closed() {
         let mut c = match held.take() {
             Some(c) => c,
-            None => match conn.blocker().await {
+            None => match conn.blocker(&key).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(error = %e, channel, "broadcast subscriber reconnecting");
+                    conn.blocker_failed();
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                     continue;
@@ -114,7 +117,7 @@ async fn follow(
             .arg(&cursor);
         match tokio::time::timeout(
             block + Duration::from_secs(1),
-            read.query_async::<Value>(&mut c),
+            read.query_async::<Value>(&mut c.conn),
         )
         .await
         {
@@ -153,6 +156,7 @@ async fn follow(
             }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, channel, "broadcast read failed; resuming");
+                conn.blocker_failed();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }

@@ -130,42 +130,18 @@ impl RedisBroker {
     }
 
     /// Deletes every key of `namespace` on the server this client is
-    /// connected to (`SCAN` + `UNLINK` in batches): for tests and for
-    /// retiring a namespace. Returns how many keys went.
+    /// connected to (`SCAN` + `UNLINK` in batches; on a cluster the scan
+    /// runs on every primary): for tests and for retiring a namespace.
+    /// Returns how many keys went.
     ///
     /// # Errors
     /// [`BrokerError::Unavailable`] or `Storage` from Redis.
     #[doc(hidden)]
     pub async fn delete_namespace(&self, namespace: &str) -> Result<u64, BrokerError> {
-        let mut c = self.conn.cmd();
-        let mut n = 0;
-        for pattern in NsKeys::new(namespace).patterns() {
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut c)
-                    .await
-                    .map_err(|e| self.conn.broker_error("scanning keys", e))?;
-                if !keys.is_empty() {
-                    n += keys.len() as u64;
-                    redis::cmd("UNLINK")
-                        .arg(&keys)
-                        .query_async::<()>(&mut c)
-                        .await
-                        .map_err(|e| self.conn.broker_error("deleting keys", e))?;
-                }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
-        }
-        Ok(n)
+        self.conn
+            .unlink_matching(&NsKeys::new(namespace).patterns())
+            .await
+            .map_err(|e| self.conn.broker_error("deleting the namespace's keys", e))
     }
 }
 
@@ -190,7 +166,9 @@ impl Broker for RedisBroker {
         c.priority = true;
         c.many_queues = true;
         c.broadcast = true;
-        c.atomic_batch = true;
+        // On a cluster a batch is one call per queue: atomic per queue,
+        // not across queues.
+        c.atomic_batch = !self.conn.is_cluster();
         c.reconnect = true;
         c.unique = true;
         c.server_time = true;

@@ -268,11 +268,9 @@ fn id_in(raw: &[u8]) -> Option<TaskId> {
     v.get("id")?.as_str()?.parse().ok()
 }
 
-/// Blocks in Redis until an entry newer than the cursors arrives on any of
-/// the idle queues' streams or timers, or `block` passes. Errors only end
-/// the wait early (the caller fetches again); a connection whose read did
-/// not come back is dropped, never reused.
-async fn wait(b: &RedisBroker, req: &FetchRequest, idle: &[Idle], block: Duration) {
+/// The blocking read of one idle queue: `XREAD BLOCK` on its level
+/// streams and timer, from the cursors of its empty fetch.
+fn read_of(b: &RedisBroker, req: &FetchRequest, idle: &[&Idle], block: Duration) -> redis::Cmd {
     let mut cmd = redis::cmd("XREAD");
     cmd.arg("BLOCK").arg(ms_of(block).max(1)).arg("STREAMS");
     for i in idle {
@@ -287,18 +285,67 @@ async fn wait(b: &RedisBroker, req: &FetchRequest, idle: &[Idle], block: Duratio
             cmd.arg(c);
         }
     }
-    let mut conn = match b.conn.blocker().await {
+    cmd
+}
+
+/// Blocks in Redis until an entry newer than the cursors arrives on any of
+/// the idle queues' streams or timers, or `block` passes. Errors only end
+/// the wait early (the caller fetches again); a connection whose read did
+/// not come back is dropped, never reused.
+///
+/// Standalone: one `XREAD` over every idle queue's keys. Cluster: those
+/// keys lie in one slot per queue and an `XREAD` across slots fails
+/// (CROSSSLOT), so each queue gets a read of its own on a connection to
+/// its slot's node, all in flight at once; the first to return ends the
+/// wait and the others are dropped with their connections (still blocked
+/// in Redis, so never reused).
+async fn wait(b: &RedisBroker, req: &FetchRequest, idle: &[Idle], block: Duration) {
+    if b.conn.is_cluster() && idle.len() > 1 {
+        let mut reads: futures::stream::FuturesUnordered<_> =
+            idle.iter().map(|i| read_one(b, req, i, block)).collect();
+        let _ = futures::StreamExt::next(&mut reads).await;
+        return;
+    }
+    if let Some(first) = idle.first() {
+        let all: Vec<&Idle> = idle.iter().collect();
+        let cmd = read_of(b, req, &all, block);
+        read(
+            b,
+            cmd,
+            &b.queue_keys(&req.queues[first.queue]).timer(),
+            block,
+        )
+        .await;
+    }
+}
+
+async fn read_one(b: &RedisBroker, req: &FetchRequest, i: &Idle, block: Duration) {
+    let cmd = read_of(b, req, &[i], block);
+    read(b, cmd, &b.queue_keys(&req.queues[i.queue]).timer(), block).await;
+}
+
+/// Runs the blocking read `cmd` of keys in `key`'s slot on a blocking
+/// connection of its own.
+async fn read(b: &RedisBroker, cmd: redis::Cmd, key: &str, block: Duration) {
+    let mut conn = match b.conn.blocker(key).await {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(error = %e, "no connection for a blocking read");
+            b.conn.blocker_failed();
             tokio::time::sleep(block.min(Duration::from_millis(200))).await;
             return;
         }
     };
-    match tokio::time::timeout(block + BLOCK_SLACK, cmd.query_async::<Value>(&mut conn)).await {
+    match tokio::time::timeout(
+        block + BLOCK_SLACK,
+        cmd.query_async::<Value>(&mut conn.conn),
+    )
+    .await
+    {
         Ok(Ok(_)) => b.conn.give_back(conn),
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "blocking read failed");
+            b.conn.blocker_failed();
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Err(_) => tracing::debug!("blocking read did not return in time; connection dropped"),

@@ -21,6 +21,38 @@ use stem_core::TaskId;
 /// Number of priority levels (0..=9).
 pub(crate) const LEVELS: usize = 10;
 
+/// Number of hash slots of a Redis Cluster.
+const SLOTS: u16 = 16384;
+
+/// The cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag (the
+/// text between the first `{` and the next `}`, when not empty) or of the
+/// whole key, modulo 16384, as Redis computes it (`CLUSTER KEYSLOT`).
+pub(crate) fn slot(key: &[u8]) -> u16 {
+    let hashed = key
+        .iter()
+        .position(|b| *b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.iter()
+                .position(|b| *b == b'}')
+                .map(|close| &rest[..close])
+        })
+        .filter(|tag| !tag.is_empty())
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for b in hashed {
+        crc ^= u16::from(*b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % SLOTS
+}
+
 /// Percent-encodes `name` (see the module docs).
 pub(crate) fn escape(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
@@ -225,6 +257,21 @@ mod tests {
             NsKeys::new("app").queue("jobs:high").stream(0),
             NsKeys::new("app:jobs").queue("high").stream(0)
         );
+    }
+
+    #[test]
+    fn slots_match_redis() {
+        // Values from `CLUSTER KEYSLOT` (Redis 7.0).
+        assert_eq!(slot(b"123456789"), 12739);
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
+        assert_ne!(slot(b"foo{}{bar}"), slot(b"bar"));
+        assert_eq!(slot(b"foo{{bar}}zap"), slot(b"{bar"));
+        let q = NsKeys::new("n").queue("q");
+        let s = slot(q.stream(0).as_bytes());
+        assert!(q.all().iter().all(|k| slot(k.as_bytes()) == s));
+        assert_eq!(slot(format!("{}abc", q.unique_prefix()).as_bytes()), s);
     }
 
     #[test]

@@ -28,10 +28,38 @@
 //! moved to their stream by the fetch script when Redis's clock says so.
 //!
 //! Every key of one queue carries the queue's hash tag
-//! (`stem:{<namespace>:q:<queue>}:…`), so each script touches one slot
-//! (the layout is ready for Redis Cluster); names are percent-encoded, so
-//! `app` and `app2`, or names holding `:` or `{`, never collide. See
-//! `docs/plans/redis-streams.md` for the whole layout.
+//! (`stem:{<namespace>:q:<queue>}:…`), so each script touches one slot;
+//! names are percent-encoded, so `app` and `app2`, or names holding `:` or
+//! `{`, never collide. See `docs/plans/redis-streams.md` for the whole
+//! layout.
+//!
+//! # Redis Cluster
+//! `?cluster=true` (with `seeds=host:port,…` for more seed nodes; the
+//! database must be 0) talks to a Redis Cluster; everything else is the
+//! same. Every command and script touches one slot: a queue's keys share
+//! the queue's slot (scripts that build unique-key names from the queue's
+//! prefix stay in it, which Redis 7 accepts for undeclared keys of the
+//! script's slot), the namespace's shared keys (queue set, leader,
+//! heartbeats, revocations, broadcast streams) share the namespace's slot,
+//! and each task record and group has a slot of its own, so the cluster
+//! spreads them. What differs:
+//! - `publish_many` is one call per queue, so a batch is atomic per queue,
+//!   not across queues (`atomic_batch` is false on a cluster): an error
+//!   can leave the envelopes of other queues stored.
+//! - An idle `fetch` over several queues blocks with one `XREAD` per queue,
+//!   each on a connection of its own to the node serving that queue's
+//!   slot, instead of one `XREAD` over all of them; the first to return
+//!   wins and the others' connections are discarded.
+//! - `wait` subscribes on one node (classic pub/sub reaches every node).
+//! - Namespace deletion scans every primary.
+//!
+//! ```no_run
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use stem_adapters::redis::{RedisBroker, RedisOptions};
+//! let url = "redis://10.0.0.1:7000?cluster=true&seeds=10.0.0.2:7000,10.0.0.3:7000";
+//! let broker = RedisBroker::connect(url, RedisOptions::default()).await?;
+//! # let _ = broker; Ok(()) }
+//! ```
 //!
 //! # Durability
 //! An envelope is stored when `publish` returns `Ok`. Whether it survives a
@@ -51,8 +79,9 @@
 //!
 //! # Waiting
 //! An idle consumer blocks in Redis (`XREAD BLOCK` on the queue's streams
-//! and a timer stream, on a connection of its own) and wakes on the next
-//! write; delayed work and lease expiries bound the block. Nothing polls.
+//! and a timer stream, on a connection of its own; one per queue on a
+//! cluster) and wakes on the next write; delayed work and lease expiries
+//! bound the block. Nothing polls.
 
 mod admin;
 mod backend;
@@ -109,6 +138,14 @@ pub struct RedisOptions {
     /// timestamps when the worker gave none). Delays, leases and expiry are
     /// judged by Redis's own clock inside each script (CONTRACT.md B18).
     pub clock: stem_core::clock::Clock,
+    /// Talk to a Redis Cluster (`cluster=true`): the URL's host is a seed
+    /// node, commands are routed by slot, and `publish_many` is atomic per
+    /// queue instead of per call (see the module docs).
+    pub cluster: bool,
+    /// More seed nodes of the cluster, `host:port` each (`seeds=h:p,h:p`),
+    /// tried when the URL's host is down. Same credentials and TLS as the
+    /// URL.
+    pub seeds: Vec<String>,
 }
 
 impl Default for RedisOptions {
@@ -122,6 +159,8 @@ impl Default for RedisOptions {
             max_block: Duration::from_secs(5),
             consumer_idle: Duration::from_secs(3600),
             clock: stem_core::clock::Clock::system(),
+            cluster: false,
+            seeds: Vec::new(),
         }
     }
 }
@@ -132,7 +171,10 @@ impl Default for RedisOptions {
 ///
 /// Options: `namespace`, `pool` (connections, default 1),
 /// `max_envelope_bytes` (default 1 MiB), `dead_letter_retention` (7d),
-/// `response_timeout` (5s), `max_block` (5s), `consumer_idle` (1h).
+/// `response_timeout` (5s), `max_block` (5s), `consumer_idle` (1h),
+/// `cluster` (`true`/`false`, default false: the URL's host is a seed of a
+/// Redis Cluster; the database must then be 0) and `seeds`
+/// (`host:port,host:port`, more seed nodes; needs `cluster=true`).
 /// Durations are written `500ms`, `5s`, `10m`, `1h`, `7d`.
 ///
 /// ```
@@ -143,6 +185,10 @@ impl Default for RedisOptions {
 /// assert_eq!(opts.max_block, std::time::Duration::from_secs(1));
 /// assert!(parse_url("redis://h?colour=blue", RedisOptions::default()).is_err());
 /// assert!(parse_url("http://h", RedisOptions::default()).is_err());
+/// let (_, opts) = parse_url("redis://10.0.0.1:7000?cluster=true&seeds=10.0.0.2:7000,10.0.0.3:7000", RedisOptions::default()).unwrap();
+/// assert!(opts.cluster);
+/// assert_eq!(opts.seeds, ["10.0.0.2:7000", "10.0.0.3:7000"]);
+/// assert!(parse_url("redis://h:7000/1?cluster=true", RedisOptions::default()).is_err());
 /// ```
 ///
 /// # Errors
@@ -168,10 +214,8 @@ pub fn parse_url(url: &str, base: RedisOptions) -> Result<(String, RedisOptions)
             "no host: write `redis://127.0.0.1:6379` (or `redis://user:password@host:port/db`)",
         )));
     }
-    if let Some((_, db)) = host_and_db.split_once('/')
-        && !db.is_empty()
-        && db.parse::<u32>().is_err()
-    {
+    let db = host_and_db.split_once('/').map_or("", |(_, db)| db);
+    if !db.is_empty() && db.parse::<u32>().is_err() {
         return Err(bad(format!(
             "database `{db}` is not a number: write `/0` .. `/15`"
         )));
@@ -201,12 +245,43 @@ pub fn parse_url(url: &str, base: RedisOptions) -> Result<(String, RedisOptions)
             "response_timeout" => opts.response_timeout = dur(v)?,
             "max_block" => opts.max_block = dur(v)?,
             "consumer_idle" => opts.consumer_idle = dur(v)?,
+            "cluster" => {
+                opts.cluster = match v {
+                    "true" | "1" | "yes" => true,
+                    "false" | "0" | "no" => false,
+                    _ => return Err(bad(format!("`cluster={v}`: use `true` or `false`"))),
+                };
+            }
+            "seeds" => {
+                opts.seeds = Vec::new();
+                for seed in v.split(',').filter(|s| !s.is_empty()) {
+                    let ok = seed.rsplit_once(':').is_some_and(|(h, p)| {
+                        !h.is_empty() && !h.contains(['/', '@']) && p.parse::<u16>().is_ok()
+                    });
+                    if !ok {
+                        return Err(bad(format!(
+                            "`seeds`: `{seed}` is not `host:port` (write `seeds=10.0.0.2:7000,10.0.0.3:7000`)"
+                        )));
+                    }
+                    opts.seeds.push(seed.to_owned());
+                }
+            }
             other => {
                 return Err(bad(format!(
-                    "unknown option `{other}`: known are namespace, pool, max_envelope_bytes, dead_letter_retention, response_timeout, max_block, consumer_idle"
+                    "unknown option `{other}`: known are namespace, pool, max_envelope_bytes, dead_letter_retention, response_timeout, max_block, consumer_idle, cluster, seeds"
                 )));
             }
         }
+    }
+    if !opts.seeds.is_empty() && !opts.cluster {
+        return Err(bad(String::from(
+            "`seeds` names more nodes of a cluster: add `cluster=true`",
+        )));
+    }
+    if opts.cluster && !db.is_empty() && db != "0" {
+        return Err(bad(format!(
+            "database `{db}` on a cluster: a Redis Cluster has only database 0"
+        )));
     }
     if opts.response_timeout.is_zero() || opts.max_block.is_zero() {
         return Err(bad(String::from(
@@ -296,5 +371,31 @@ mod tests {
         assert!(parse_url("redis://?pool=2", RedisOptions::default()).is_err());
         assert!(parse_url("redis://h?pool=0", RedisOptions::default()).is_err());
         assert!(parse_url("redis://h?max_block=0s", RedisOptions::default()).is_err());
+    }
+
+    #[test]
+    fn cluster_options() {
+        let (u, o) = parse_url(
+            "redis://u:p@h:7000/0?cluster=true&seeds=h2:7001,[::1]:7002",
+            RedisOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(u, "redis://u:p@h:7000/0");
+        assert!(o.cluster);
+        assert_eq!(o.seeds, ["h2:7001", "[::1]:7002"]);
+        let o = parse_url("redis://h?cluster=false", RedisOptions::default())
+            .unwrap()
+            .1;
+        assert!(!o.cluster);
+        for bad in [
+            "redis://h?cluster=maybe",
+            "redis://h?seeds=h2:7001",
+            "redis://h?cluster=true&seeds=h2",
+            "redis://h?cluster=true&seeds=h2:port",
+            "redis://h?cluster=true&seeds=:7001",
+            "redis://h/3?cluster=true",
+        ] {
+            assert!(parse_url(bad, RedisOptions::default()).is_err(), "{bad}");
+        }
     }
 }

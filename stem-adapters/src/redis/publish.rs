@@ -4,6 +4,13 @@
 //! is one atomic call (`MULTI`/`EXEC` of plain `XADD`s when nothing in it
 //! is delayed or unique, else one script), split only past [`MAX_BATCH`]
 //! envelopes or [`MAX_BATCH_BYTES`].
+//!
+//! On a cluster every call must stay in one slot, and a queue is one slot:
+//! a batch is one such call per queue (all queues' calls in flight at
+//! once), so it is atomic per queue, not across queues — an error may
+//! leave the batch's envelopes of other queues stored. Within a queue the
+//! order is kept; the results come back in input order either way. Every
+//! envelope is still checked before anything is sent.
 
 use std::collections::HashMap;
 
@@ -80,7 +87,7 @@ pub(crate) async fn publish(b: &RedisBroker, env: Envelope) -> Result<Published,
             .map_err(|e| b.conn.broker_error("publishing", e))?;
         return Ok(Published::Stored(p.id));
     }
-    let mut out = run(b, std::slice::from_ref(&p)).await?;
+    let mut out = run(b, &[&p]).await?;
     out.pop()
         .ok_or_else(|| b.conn.bad_reply("publishing", "no result"))
 }
@@ -104,28 +111,76 @@ pub(crate) async fn publish_many(
     for q in queues {
         b.register_queue(q).await?;
     }
+    if b.conn.is_cluster() {
+        return per_queue(b, &prepared).await;
+    }
+    let all: Vec<&Prepared> = prepared.iter().collect();
     let mut out = Vec::with_capacity(prepared.len());
-    let mut start = 0;
-    while start < prepared.len() {
-        let mut end = start;
-        let mut bytes = 0;
-        while end < prepared.len()
-            && end - start < MAX_BATCH
-            && (end == start || bytes + prepared[end].payload.len() <= MAX_BATCH_BYTES)
-        {
-            bytes += prepared[end].payload.len();
-            end += 1;
-        }
-        out.extend(run(b, &prepared[start..end]).await?);
-        start = end;
+    for chunk in chunks(&all) {
+        out.extend(run(b, chunk).await?);
     }
     Ok(out)
 }
 
-/// Stores `batch` (any mix of queues) in one atomic round trip: plain
-/// `XADD`s inside `MULTI`/`EXEC` when no envelope has a delay or a unique
-/// key (nothing to decide), else one `publish.lua` call.
-async fn run(b: &RedisBroker, batch: &[Prepared]) -> Result<Vec<Published>, BrokerError> {
+/// `batch` cut into calls of at most [`MAX_BATCH`] envelopes and
+/// [`MAX_BATCH_BYTES`] (one envelope is never cut).
+fn chunks<'a, 'p>(batch: &'a [&'p Prepared]) -> Vec<&'a [&'p Prepared]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < batch.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < batch.len()
+            && end - start < MAX_BATCH
+            && (end == start || bytes + batch[end].payload.len() <= MAX_BATCH_BYTES)
+        {
+            bytes += batch[end].payload.len();
+            end += 1;
+        }
+        out.push(&batch[start..end]);
+        start = end;
+    }
+    out
+}
+
+/// A batch on a cluster: each queue's envelopes (in input order) in calls
+/// of their own, the queues concurrently; results put back in input order.
+/// The first error is answered once every call has ended.
+async fn per_queue(b: &RedisBroker, prepared: &[Prepared]) -> Result<Vec<Published>, BrokerError> {
+    let mut groups: Vec<(Vec<usize>, Vec<&Prepared>)> = Vec::new();
+    let mut at: HashMap<&str, usize> = HashMap::new();
+    for (i, p) in prepared.iter().enumerate() {
+        let g = *at.entry(p.queue.as_str()).or_insert_with(|| {
+            groups.push((Vec::new(), Vec::new()));
+            groups.len() - 1
+        });
+        groups[g].0.push(i);
+        groups[g].1.push(p);
+    }
+    let calls = groups.iter().map(|(_, items)| async move {
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in chunks(items) {
+            out.extend(run(b, chunk).await?);
+        }
+        Ok::<_, BrokerError>(out)
+    });
+    let results = futures::future::join_all(calls).await;
+    let mut out: Vec<Option<Published>> = vec![None; prepared.len()];
+    for ((idx, _), r) in groups.iter().zip(results) {
+        for (i, p) in idx.iter().zip(r?) {
+            out[*i] = Some(p);
+        }
+    }
+    out.into_iter()
+        .map(|p| p.ok_or_else(|| b.conn.bad_reply("publishing", "no result")))
+        .collect()
+}
+
+/// Stores `batch` (any mix of queues; one queue on a cluster) in one
+/// atomic round trip: plain `XADD`s inside `MULTI`/`EXEC` when no envelope
+/// has a delay or a unique key (nothing to decide), else one `publish.lua`
+/// call.
+async fn run(b: &RedisBroker, batch: &[&Prepared]) -> Result<Vec<Published>, BrokerError> {
     if batch.iter().all(|p| p.delay_ms == 0 && p.unique.is_empty()) {
         let mut pipe = redis::pipe();
         pipe.atomic();

@@ -27,10 +27,22 @@
 //! subscription request (redis-rs issue 2533, noted in
 //! `aio/multiplexed_connection.rs`): its confirmation is dropped and every
 //! later reply goes to the wrong request. So the channels are ordinary
-//! ones, and the store script uses `PUBLISH`. On a cluster, `PUBLISH`
-//! reaches every node (the channel name is not a key, so the script's
-//! slot rule is unaffected); switch to shard channels when redis-rs
-//! exposes them on standalone connections.
+//! ones, and the store script uses `PUBLISH`.
+//!
+//! On a cluster the same code runs unchanged: the subscriber is a plain
+//! connection to one node (the next primary on every reconnect, see
+//! `Conn::subscriber`), and a `PUBLISH` on any node reaches every node
+//! over the cluster bus (the channel name is not a key, so the script's
+//! slot rule is unaffected). Chosen over `ClusterConnection::ssubscribe`
+//! because it keeps one tested path for both modes, one subscriber
+//! connection per client whatever the cluster's size, and this module's
+//! own handling of a dropped connection (resubscribe, then every waiter
+//! reads its record again), where the cluster connection resubscribes
+//! behind our back. The price is cluster-bus traffic: every terminal
+//! record's one small message goes to every node. The done channel
+//! already lies in its record's slot (`stem:{<ns>:r:<id>}:done`), so
+//! moving to shard channels later is `SPUBLISH` in the store script plus
+//! `ssubscribe` on a cluster connection.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
