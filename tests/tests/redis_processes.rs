@@ -14,55 +14,12 @@ use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use stem_tests::e2e_tasks::{ledger_noop, ledger_slow};
 use stem_tests::ledger::{self, LEDGER_VAR};
-
-/// A child process killed (SIGKILL) when dropped, however the test ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-
-    /// Panics if the process has exited.
-    fn assert_running(&mut self, what: &str) {
-        if let Some(status) = self.0.try_wait().expect("wait") {
-            panic!("{what} exited on its own with {status}");
-        }
-    }
-
-    /// SIGTERM, then wait for a clean exit.
-    fn terminate(mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.0.try_wait().expect("wait") {
-                assert!(status.success(), "worker exited with {status}");
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "worker did not stop after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
+use stem_tests::process::Proc;
 
 /// Whether `redis-server` and `redis-cli` can run here. When they cannot,
 /// prints a SKIP line to the real stderr (libtest captures `eprintln!`)
