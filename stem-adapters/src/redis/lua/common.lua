@@ -15,6 +15,11 @@ local function TIMER() return KEYS[QB + 22] end
 local function DEAD() return KEYS[QB + 23] end
 local function DEADIDX() return KEYS[QB + 24] end
 local function META() return KEYS[QB + 25] end
+-- Every lease set holds this member at score +inf: longer than
+-- zset-max-listpack-value (64 bytes), it keeps the set a skiplist, whose
+-- lookups are O(log n), instead of a listpack scanned on every lookup.
+-- Never expired, never a lease; counts exclude +inf.
+local SENTINEL = '~stem-lease-set-kept-as-a-skiplist-by-this-member-of-more-than-64-bytes~'
 
 -- The fields of a stream entry's flat field list as a table.
 local function fields_of(flat)

@@ -43,7 +43,7 @@ for level = 9, 0, -1 do
       r = redis.call('XREADGROUP', 'GROUP', 'stem', consumer, 'COUNT', remaining, 'STREAMS', sk, '>')
     end
     if r and r[1] then
-      local zargs = {}
+      local zargs = {'+inf', SENTINEL}
       for _, e in ipairs(r[1][2]) do
         local id, f = e[1], e[2]
         zargs[#zargs + 1] = deadline
@@ -68,7 +68,7 @@ local first = redis.call('ZRANGE', DELAYED(), 0, 0, 'WITHSCORES')
 if first[2] then bound = tonumber(first[2]) - now end
 for level = 0, 9 do
   local l = redis.call('ZRANGE', leases(level), 0, 0, 'WITHSCORES')
-  if l[2] then
+  if l[2] and l[1] ~= SENTINEL then
     local b = tonumber(l[2]) - now
     if bound < 0 or b < bound then bound = b end
   end
