@@ -294,8 +294,25 @@ pub async fn b13_purge_is_per_queue_and_stats_see_expiry(f: &dyn AdapterFactory)
             )
             .await;
         }
+        let delayed_unique = caps.unique && caps.delay;
+        if delayed_unique {
+            // A delayed holder is purged too, and frees its key.
+            let mut later = unique_job(
+                "gone",
+                4,
+                "kit-purged-later",
+                TimeDelta::minutes(10),
+                UniqueRelease::Window,
+            );
+            later.not_before = Some(later.enqueued_at + TimeDelta::minutes(5));
+            publish(&*b, later).await;
+        }
         let removed = b.purge("gone").await.expect("purge");
-        assert_eq!(removed, if caps.unique { 2 } else { 1 });
+        assert_eq!(
+            removed,
+            1 + u64::from(caps.unique) + u64::from(delayed_unique),
+            "purge removes the ready and the delayed envelopes"
+        );
         assert_eq!(
             stats(&*b, "keep").await.ready,
             1,
@@ -315,6 +332,22 @@ pub async fn b13_purge_is_per_queue_and_stats_see_expiry(f: &dyn AdapterFactory)
                     Published::Stored(_)
                 ),
                 "purge frees the keys of what it removed"
+            );
+        }
+        if delayed_unique {
+            let again = unique_job(
+                "gone",
+                5,
+                "kit-purged-later",
+                TimeDelta::minutes(10),
+                UniqueRelease::Window,
+            );
+            assert!(
+                matches!(
+                    b.publish(again).await.expect("publish"),
+                    Published::Stored(_)
+                ),
+                "purge frees the key of a delayed envelope it removed"
             );
         }
 
