@@ -25,6 +25,8 @@ use super::{RedisOptions, ms_of};
 
 static STORE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/backend_store.lua")));
+static STORE_MANY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/backend_store_many.lua")));
 static GROUP_CREATE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/backend_group_create.lua")));
 static GROUP_FINISH: LazyLock<Script> =
@@ -38,6 +40,9 @@ static MAINTAIN: LazyLock<Script> =
 
 /// Items per pipeline, per `LRANGE` page and per script call on a list.
 const CHUNK: usize = 1000;
+
+/// Records per `backend_store_many.lua` call (standalone Redis).
+const STORE_BATCH: usize = 500;
 /// Longest TTL sent to Redis (100 years): `PEXPIRE` refuses one that
 /// overflows its clock.
 const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
@@ -270,6 +275,39 @@ impl RedisBackend {
         Ok(got)
     }
 
+    /// Standalone Redis: `backend_store_many.lua` once per [`STORE_BATCH`]
+    /// records, one answer per record in order (a failed call answers its
+    /// error for each of its records).
+    async fn store_batches(&self, encoded: &[Encoded]) -> Vec<RedisResult<Value>> {
+        let mut out = Vec::with_capacity(encoded.len());
+        for chunk in encoded.chunks(STORE_BATCH) {
+            let mut inv = STORE_MANY.prepare_invoke();
+            for e in chunk {
+                inv.key(&e.key)
+                    .arg(e.state.as_bytes())
+                    .arg(if e.terminal { "1" } else { "0" })
+                    .arg(e.attempts)
+                    .arg(e.json.as_slice())
+                    .arg(e.ttl_ms)
+                    .arg(e.channel.as_bytes());
+            }
+            let mut con = self.conn.cmd();
+            match inv.invoke_async::<Vec<Value>>(&mut con).await {
+                Ok(answers) if answers.len() == chunk.len() => {
+                    out.extend(answers.into_iter().map(Ok))
+                }
+                Ok(_) => out.extend(chunk.iter().map(|_| {
+                    Err(RedisError::from((
+                        redis::ErrorKind::Client,
+                        "backend_store_many answered the wrong number of results",
+                    )))
+                })),
+                Err(e) => out.extend(chunk.iter().map(|_| Err(e.clone()))),
+            }
+        }
+        out
+    }
+
     fn store_reply(&self, id: TaskId, r: RedisResult<Value>) -> Result<bool, BackendError> {
         match r {
             Ok(Value::Int(1)) => Ok(true),
@@ -489,18 +527,27 @@ impl ResultBackend for RedisBackend {
         // one pipeline.
         let mut out: Vec<Option<Result<bool, BackendError>>> = Vec::with_capacity(records.len());
         let mut ids = Vec::with_capacity(records.len());
-        let mut cmds = Vec::with_capacity(records.len());
+        let mut cmds = Vec::new();
+        let mut encoded = Vec::with_capacity(records.len());
         for r in &records {
             match self.encode(r) {
                 Ok(e) => {
-                    cmds.push(Self::store_cmd(&e));
+                    if self.conn.is_cluster() {
+                        cmds.push(Self::store_cmd(&e));
+                    }
+                    encoded.push(e);
                     ids.push(r.id);
                     out.push(None);
                 }
                 Err(e) => out.push(Some(Err(e))),
             }
         }
-        let mut replies = ids.into_iter().zip(self.pipelined(&STORE, &cmds).await);
+        let answers = if self.conn.is_cluster() {
+            self.pipelined(&STORE, &cmds).await
+        } else {
+            self.store_batches(&encoded).await
+        };
+        let mut replies = ids.into_iter().zip(answers);
         out.into_iter()
             .map(|o| {
                 o.unwrap_or_else(|| match replies.next() {
