@@ -25,8 +25,6 @@ use super::{RedisOptions, ms_of};
 
 static STORE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/backend_store.lua")));
-static STORE_MANY: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("lua/backend_store_many.lua")));
 static GROUP_CREATE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("lua/backend_group_create.lua")));
 static GROUP_FINISH: LazyLock<Script> =
@@ -41,7 +39,7 @@ static MAINTAIN: LazyLock<Script> =
 /// Items per pipeline, per `LRANGE` page and per script call on a list.
 const CHUNK: usize = 1000;
 
-/// Records per `backend_store_many.lua` call (standalone Redis).
+/// Records per `backend_store.lua` call (standalone Redis).
 const STORE_BATCH: usize = 500;
 /// Longest TTL sent to Redis (100 years): `PEXPIRE` refuses one that
 /// overflows its clock.
@@ -275,13 +273,13 @@ impl RedisBackend {
         Ok(got)
     }
 
-    /// Standalone Redis: `backend_store_many.lua` once per [`STORE_BATCH`]
+    /// Standalone Redis: `backend_store.lua` once per [`STORE_BATCH`]
     /// records, one answer per record in order (a failed call answers its
     /// error for each of its records).
     async fn store_batches(&self, encoded: &[Encoded]) -> Vec<RedisResult<Value>> {
         let mut out = Vec::with_capacity(encoded.len());
         for chunk in encoded.chunks(STORE_BATCH) {
-            let mut inv = STORE_MANY.prepare_invoke();
+            let mut inv = STORE.prepare_invoke();
             for e in chunk {
                 inv.key(&e.key)
                     .arg(e.state.as_bytes())
@@ -299,7 +297,7 @@ impl RedisBackend {
                 Ok(_) => out.extend(chunk.iter().map(|_| {
                     Err(RedisError::from((
                         redis::ErrorKind::Client,
-                        "backend_store_many answered the wrong number of results",
+                        "backend_store answered the wrong number of results",
                     )))
                 })),
                 Err(e) => out.extend(chunk.iter().map(|_| Err(e.clone()))),
@@ -309,6 +307,11 @@ impl RedisBackend {
     }
 
     fn store_reply(&self, id: TaskId, r: RedisResult<Value>) -> Result<bool, BackendError> {
+        // One record per call answers a one-element array.
+        let r = r.map(|v| match v {
+            Value::Array(mut a) if a.len() == 1 => a.swap_remove(0),
+            other => other,
+        });
         match r {
             Ok(Value::Int(1)) => Ok(true),
             Ok(Value::Int(0)) => Ok(false),

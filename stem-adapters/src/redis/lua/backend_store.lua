@@ -6,18 +6,21 @@
 -- channel, in the same script, so a waiter that subscribed before it read
 -- the record cannot miss it.
 --
--- KEYS[1]  the record hash (fields s state, t terminal 0/1, a attempts, j JSON)
--- ARGV[1]  state name (`pending`, `started`, ...)
--- ARGV[2]  1 when the state is terminal, else 0
--- ARGV[3]  attempts (a whole number)
--- ARGV[4]  the record as JSON
--- ARGV[5]  time to keep it, ms (>= 1)
--- ARGV[6]  the done channel (a channel name, not a key)
+-- For each record i (one or many per call; on a cluster one per call,
+-- since records lie in different slots):
+-- KEYS[i]  the record hash (fields s state, t terminal 0/1, a attempts, j JSON)
+-- ARGV[6(i-1)+1]  state name (`pending`, `started`, ...)
+-- ARGV[6(i-1)+2]  1 when the state is terminal, else 0
+-- ARGV[6(i-1)+3]  attempts (a whole number)
+-- ARGV[6(i-1)+4]  the record as JSON
+-- ARGV[6(i-1)+5]  time to keep it, ms (>= 1)
+-- ARGV[6(i-1)+6]  the done channel (a channel name, not a key)
 --
--- Returns 1 written, 0 refused by the rule, -1 the stored record is not
--- one Stem wrote (wrong type, missing or malformed fields): nothing written.
+-- Returns per record, in order: 1 written, 0 refused by the rule, -1 the
+-- stored record is not one Stem wrote (wrong type, missing or malformed
+-- fields): nothing written for it.
 -- No TIME needed: expiry is the key's own, relative to Redis's clock.
-local key = KEYS[1]
+local function store(key, state, terminal, attempts, json, ttl, channel)
 local kind = redis.call('TYPE', key).ok
 if kind ~= 'none' then
   if kind ~= 'hash' then
@@ -31,16 +34,24 @@ if kind ~= 'none' then
   if old[2] == '1' then
     return 0
   end
-  if tonumber(ARGV[3]) < old_attempts then
+  if tonumber(attempts) < old_attempts then
     return 0
   end
-  if ARGV[1] == 'pending' and old[1] ~= 'pending' then
+  if state == 'pending' and old[1] ~= 'pending' then
     return 0
   end
 end
-redis.call('HSET', key, 's', ARGV[1], 't', ARGV[2], 'a', ARGV[3], 'j', ARGV[4])
-redis.call('PEXPIRE', key, ARGV[5])
-if ARGV[2] == '1' then
-  redis.call('PUBLISH', ARGV[6], '1')
+redis.call('HSET', key, 's', state, 't', terminal, 'a', attempts, 'j', json)
+redis.call('PEXPIRE', key, ttl)
+if terminal == '1' then
+  redis.call('PUBLISH', channel, '1')
 end
 return 1
+end
+
+local out = {}
+for i = 1, #KEYS do
+  local b = 6 * (i - 1)
+  out[i] = store(KEYS[i], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6])
+end
+return out
