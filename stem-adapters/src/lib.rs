@@ -1,7 +1,10 @@
 //! Broker and result-backend adapters for Stem, one module per adapter,
 //! each behind its cargo feature. Applications use them through the `stem`
-//! facade: `stem::connect("sqlite://stem.db")`, `stem::connect("redis://127.0.0.1:6379")`.
+//! facade: `stem::connect("sqlite://stem.db")`, `stem::connect("redis://127.0.0.1:6379")`,
+//! `stem::connect("postgres://postgres@127.0.0.1:5432/app")`.
 
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "sqlite")]
@@ -21,6 +24,10 @@ pub fn link() -> usize {
     #[cfg(feature = "redis")]
     {
         n += std::hint::black_box(redis::link());
+    }
+    #[cfg(feature = "postgres")]
+    {
+        n += std::hint::black_box(postgres::link());
     }
     n
 }

@@ -54,6 +54,8 @@ pub use stem_macros::task;
 
 /// The adapters compiled into this build (see the cargo features).
 pub mod adapters {
+    #[cfg(feature = "postgres")]
+    pub use stem_adapters::postgres;
     #[cfg(feature = "redis")]
     pub use stem_adapters::redis;
     #[cfg(feature = "sqlite")]

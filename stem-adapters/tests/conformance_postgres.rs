@@ -1,0 +1,206 @@
+//! The conformance kit against the Postgres adapter, on the server at
+//! `STEM_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`).
+//! Every case uses its own namespaces, so its own schemas, in that one
+//! database (B12's two namespaces share the database and the server), and
+//! its clients carry an `application_name` of their own so `disrupt` can
+//! terminate exactly its connections while other cases run on. Without a
+//! reachable server every case prints a SKIP line (and fails under
+//! `STEM_REQUIRE_SERVICES=1`).
+#![cfg(feature = "postgres")]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::Connection;
+use stem_adapters::postgres::{PostgresBroker, PostgresOptions, schema_name};
+use stem_core::clock::Clock;
+use stem_core::kit::{AdapterFactory, KitOptions};
+use stem_core::{Broker, ResultBackend};
+
+fn server_url() -> String {
+    std::env::var("STEM_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| String::from("postgres://postgres@127.0.0.1:5432/test"))
+}
+
+/// `host:port` of the test server.
+fn host_port() -> String {
+    let url = server_url();
+    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let hp = rest.split(['/', '?']).next().unwrap_or("127.0.0.1:5432");
+    if hp.contains(':') {
+        hp.to_owned()
+    } else {
+        format!("{hp}:5432")
+    }
+}
+
+/// The `application_name` of a case's clients: `stem-kit-` and a hash of
+/// its storage, so every namespace of the case shares it.
+fn app_of(opts: &KitOptions) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in opts.storage.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("stem-kit-{h:016x}")
+}
+
+async fn admin() -> sqlx::PgConnection {
+    sqlx::PgConnection::connect(&server_url())
+        .await
+        .unwrap_or_else(|e| panic!("Postgres reachable at STEM_TEST_POSTGRES_URL: {e}"))
+}
+
+fn backend_path(opts: &KitOptions) -> std::path::PathBuf {
+    std::env::temp_dir()
+        .join("stem-kit-postgres")
+        .join(format!("{}.db", opts.storage))
+}
+
+struct PostgresFactory;
+
+impl PostgresFactory {
+    fn options(opts: &KitOptions) -> PostgresOptions {
+        PostgresOptions {
+            namespace: opts.namespace.clone(),
+            max_envelope_bytes: opts.max_envelope_bytes,
+            dead_letter_retention: opts.dead_letter_retention,
+            application_name: Some(app_of(opts)),
+            poll_interval: Duration::from_millis(100),
+            ..PostgresOptions::default()
+        }
+    }
+
+    async fn open(options: PostgresOptions) -> PostgresBroker {
+        PostgresBroker::connect(&server_url(), options)
+            .await
+            .unwrap_or_else(|e| panic!("Postgres connects: {e}"))
+    }
+}
+
+#[async_trait::async_trait]
+impl AdapterFactory for PostgresFactory {
+    fn name(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        let hp = host_port();
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&hp)
+            .ok()
+            .and_then(|mut a| a.next());
+        let up = addr.is_some_and(|a| {
+            std::net::TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok()
+        });
+        (!up).then(|| format!("no PostgreSQL at {hp} (start one, or set STEM_TEST_POSTGRES_URL)"))
+    }
+
+    async fn broker(&self, opts: &KitOptions) -> Arc<dyn Broker> {
+        Arc::new(Self::open(Self::options(opts)).await)
+    }
+
+    async fn backend(&self, opts: &KitOptions) -> Arc<dyn ResultBackend> {
+        Arc::new(
+            stem_adapters::sqlite::SqliteBackend::open(
+                backend_path(opts),
+                stem_adapters::sqlite::SqliteOptions {
+                    namespace: opts.namespace.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("SQLite backend opens: {e}")),
+        )
+    }
+
+    async fn peer_backend(&self, opts: &KitOptions) -> Arc<dyn ResultBackend> {
+        Arc::new(
+            stem_adapters::sqlite::SqliteBackend::open_unshared(
+                backend_path(opts),
+                stem_adapters::sqlite::SqliteOptions {
+                    namespace: opts.namespace.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("SQLite backend opens: {e}")),
+        )
+    }
+
+    async fn insert_garbage(&self, opts: &KitOptions, queue: &str, bytes: &[u8]) {
+        Self::open(Self::options(opts))
+            .await
+            .insert_raw(queue, bytes)
+            .await
+            .unwrap_or_else(|e| panic!("garbage inserted: {e}"));
+    }
+
+    /// Drops the namespace's schema, then checks it is gone.
+    async fn cleanup(&self, opts: &KitOptions) {
+        let schema = schema_name(&opts.namespace);
+        let mut c = admin().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+        )))
+        .execute(&mut c)
+        .await
+        .unwrap_or_else(|e| panic!("schema {schema} dropped: {e}"));
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname = $1")
+            .bind(&schema)
+            .fetch_one(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("schemas counted: {e}"));
+        assert_eq!(left, 0, "schema {schema} outlived its cleanup");
+        let path = backend_path(opts);
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    /// Terminates every server connection of this case (its
+    /// `application_name`), the listening ones included.
+    async fn disrupt(&self, opts: &KitOptions) -> Option<()> {
+        let mut c = admin().await;
+        sqlx::query(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(app_of(opts))
+        .execute(&mut c)
+        .await
+        .ok()?;
+        Some(())
+    }
+
+    async fn skewed_broker(
+        &self,
+        opts: &KitOptions,
+        skew: chrono::TimeDelta,
+    ) -> Option<Arc<dyn Broker>> {
+        let options = PostgresOptions {
+            clock: Clock::skewed(skew),
+            ..Self::options(opts)
+        };
+        Some(Arc::new(Self::open(options).await))
+    }
+
+    async fn server_now(&self, _opts: &KitOptions) -> chrono::DateTime<chrono::Utc> {
+        let mut c = admin().await;
+        sqlx::query_scalar("SELECT now()")
+            .fetch_one(&mut c)
+            .await
+            .unwrap_or_else(|e| panic!("SELECT now(): {e}"))
+    }
+
+    fn tick(&self) -> Duration {
+        Duration::from_millis(100)
+    }
+}
+
+mod conformance {
+    use super::PostgresFactory;
+    stem_core::conformance_tests!(postgres, PostgresFactory);
+}
