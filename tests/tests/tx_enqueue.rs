@@ -87,7 +87,11 @@ fn args(key: &str, n: u64) -> double::Args {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_tasks_run_and_their_typed_results_come_back() {
-    let Setup { stem, mut conn, _dir } = setup().await;
+    let Setup {
+        stem,
+        mut conn,
+        _dir,
+    } = setup().await;
     let worker = start_worker(&stem).await;
     let p = format!("commit-{}-", stem::TaskId::new());
 
@@ -146,7 +150,11 @@ async fn committed_tasks_run_and_their_typed_results_come_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolled_back_tasks_do_not_exist_and_never_run() {
-    let Setup { stem, mut conn, _dir } = setup().await;
+    let Setup {
+        stem,
+        mut conn,
+        _dir,
+    } = setup().await;
     let worker = start_worker(&stem).await;
     let p = format!("rollback-{}-", stem::TaskId::new());
 
@@ -160,10 +168,7 @@ async fn rolled_back_tasks_do_not_exist_and_never_run() {
         .unwrap();
     let many = double::with()
         .on(&stem)
-        .enqueue_many_in(
-            &mut conn,
-            (1..4).map(|i| args(&format!("{p}{i}"), i)),
-        )
+        .enqueue_many_in(&mut conn, (1..4).map(|i| args(&format!("{p}{i}"), i)))
         .await
         .unwrap();
     conn.execute_batch("ROLLBACK").unwrap();
@@ -197,10 +202,40 @@ async fn rolled_back_tasks_do_not_exist_and_never_run() {
     worker.join().await;
 }
 
+/// The same with a deferred `BEGIN` whose first write is the enqueue (no
+/// lock held before it): rolled back, nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_begin_rolled_back_leaves_nothing() {
+    let Setup {
+        stem,
+        mut conn,
+        _dir,
+    } = setup().await;
+
+    conn.execute_batch("BEGIN").unwrap();
+    double::with()
+        .on(&stem)
+        .enqueue_in(&mut conn, String::from("deferred-0"), 1)
+        .await
+        .unwrap();
+    double::with()
+        .on(&stem)
+        .enqueue_many_in(&mut conn, [args("deferred-1", 1), args("deferred-2", 2)])
+        .await
+        .unwrap();
+    assert_eq!(stem.stats(QUEUE).await.unwrap().ready, 0);
+    conn.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(stem.stats(QUEUE).await.unwrap().ready, 0);
+}
+
 /// The per-call options reach the envelope stored in the transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_call_options_apply_inside_the_transaction() {
-    let Setup { stem, mut conn, _dir } = setup().await;
+    let Setup {
+        stem,
+        mut conn,
+        _dir,
+    } = setup().await;
 
     conn.execute_batch("BEGIN IMMEDIATE").unwrap();
     double::with()
@@ -227,7 +262,11 @@ async fn per_call_options_apply_inside_the_transaction() {
 /// the holder's id, and one task is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_inside_the_transaction_answers_the_holders_id() {
-    let Setup { stem, mut conn, _dir } = setup().await;
+    let Setup {
+        stem,
+        mut conn,
+        _dir,
+    } = setup().await;
 
     conn.execute_batch("BEGIN IMMEDIATE").unwrap();
     let unique = || double::with().on(&stem).unique_for(Duration::from_secs(60));
@@ -254,7 +293,11 @@ async fn a_duplicate_inside_the_transaction_answers_the_holders_id() {
 /// The module shortcuts use the default client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn module_shortcuts_use_the_default_client() {
-    let Setup { stem, mut conn, _dir } = setup().await;
+    let Setup {
+        stem,
+        mut conn,
+        _dir,
+    } = setup().await;
     // The only test in this binary that uses the default client.
     stem.install_default();
     let worker = start_worker(&stem).await;
@@ -303,7 +346,11 @@ fn expect_invalid(err: &StemError, needle: &str) {
 /// `Invalid` error that says what to pass, and stores nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_transaction_is_a_typed_invalid_error_naming_what_to_pass() {
-    let Setup { stem, mut conn, _dir } = setup().await;
+    let Setup {
+        stem,
+        mut conn,
+        _dir,
+    } = setup().await;
 
     let err = double::with()
         .on(&stem)
@@ -320,7 +367,11 @@ async fn a_wrong_transaction_is_a_typed_invalid_error_naming_what_to_pass() {
     // A boxed connection is another type, too: pass the connection itself.
     let err = double::with()
         .on(&stem)
-        .enqueue_in(&mut Box::new(open_conn(Path::new(":memory:"))), String::from("x"), 1)
+        .enqueue_in(
+            &mut Box::new(open_conn(Path::new(":memory:"))),
+            String::from("x"),
+            1,
+        )
         .await
         .unwrap_err();
     expect_invalid(&err, "rusqlite::Connection");
