@@ -584,7 +584,7 @@ impl<O> Signature<O> {
 #[cfg(test)]
 mod tests {
     use super::{Task, TaskBuilder};
-    use crate::error::{BrokerError, EnvelopeError, StemError};
+    use crate::error::{EnvelopeError, StemError};
     use crate::task::TaskOptions;
 
     #[derive(serde::Serialize, serde::Deserialize)]
