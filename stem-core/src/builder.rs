@@ -279,12 +279,10 @@ impl<T: Task> TaskBuilder<T> {
     /// ```
     ///
     /// # Errors
-    /// Invalid options or arguments, no client,
-    /// [`BrokerError::Unsupported`](crate::BrokerError::Unsupported) from
-    /// an adapter without transactions,
-    /// [`BrokerError::Invalid`](crate::BrokerError::Invalid) naming the type
-    /// the adapter takes when `tx` is another type (or, on SQLite, not
-    /// inside `BEGIN`), or a broker error.
+    /// Invalid options or arguments, no client, [`BrokerError::Unsupported`]
+    /// from an adapter without transactions, [`BrokerError::Invalid`] naming
+    /// the type the adapter takes when `tx` is another type (or, on SQLite,
+    /// not inside `BEGIN`), or a broker error.
     pub async fn enqueue_args_in<X: Any + Send>(
         self,
         tx: &mut X,
