@@ -238,10 +238,15 @@ impl<T: Task> TaskBuilder<T> {
     ///   `'static`, so `&mut tx` fails to compile there (E0597); `&mut *tx`
     ///   always works.
     ///
-    /// Nothing is sent until the caller commits; the worker sees the task
-    /// from then on. After an error the transaction may be unusable: on
-    /// Postgres a failed statement leaves it aborted, and only `ROLLBACK`
-    /// is possible, as after any failed statement.
+    /// Other connections, workers included, see the task only once the
+    /// caller commits; after a `ROLLBACK` it never existed. The handle comes
+    /// back before the commit: wait on it after committing (until then the
+    /// task reads `Pending`). With `unique_for`, a live holder of the key
+    /// (in the database or earlier in the same transaction) answers the
+    /// holder's handle, as [`TaskBuilder::enqueue_args`] does. After an
+    /// error the transaction may be unusable: on Postgres a failed
+    /// statement leaves it aborted, and only `ROLLBACK` is possible, as
+    /// after any failed statement.
     ///
     /// The task's examples for SQLite and Postgres are in the docs of
     /// `#[stem::task]` ("Enqueue inside your transaction"), whose module
