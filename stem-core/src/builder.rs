@@ -1,5 +1,6 @@
 //! Per-call enqueue options ([`TaskBuilder`]) and unsent calls ([`Signature`]).
 
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::time::{Duration, SystemTime};
@@ -10,7 +11,7 @@ use serde_json::value::RawValue;
 use crate::client::Stem;
 use crate::context::Context;
 use crate::envelope::{Envelope, TaskId, Unique, UniqueRelease};
-use crate::error::{EnvelopeError, StemError};
+use crate::error::{BrokerError, EnvelopeError, StemError};
 use crate::handle::TaskHandle;
 use crate::task::Task;
 
@@ -220,6 +221,160 @@ impl<T: Task> TaskBuilder<T> {
             .collect())
     }
 
+    /// Enqueues with these options inside the caller's own open
+    /// transaction: the task exists if and only if that transaction
+    /// commits, so a row and the task that processes it are stored
+    /// together or not at all.
+    ///
+    /// `tx` is the adapter's transaction or connection type, inside its
+    /// transaction:
+    /// - SQLite: a `rusqlite::Connection` open on the broker's file, after
+    ///   `BEGIN IMMEDIATE` (the `rusqlite` the adapter links is re-exported
+    ///   as `stem::adapters::sqlite::rusqlite`);
+    /// - Postgres (feature `postgres`): pass `&mut *tx` for a
+    ///   `sqlx::Transaction`, which reaches its `PgConnection`. `&mut tx`
+    ///   works only for a `Transaction<'static, Postgres>` (begun on a
+    ///   pool): one begun on a borrowed connection (`conn.begin()`) is not
+    ///   `'static`, so `&mut tx` fails to compile there (E0597); `&mut *tx`
+    ///   always works.
+    ///
+    /// Other connections, workers included, see the task only once the
+    /// caller commits; after a `ROLLBACK` it never existed. The handle comes
+    /// back before the commit: wait on it after committing (until then the
+    /// task reads `Pending`). With `unique_for`, a live holder of the key
+    /// (in the database or earlier in the same transaction) answers the
+    /// holder's handle, as [`TaskBuilder::enqueue_args`] does. After an
+    /// error the transaction may be unusable: on Postgres a failed
+    /// statement leaves it aborted, and only `ROLLBACK` is possible, as
+    /// after any failed statement.
+    ///
+    /// The task's examples for SQLite and Postgres are in the docs of
+    /// `#[stem::task]` ("Enqueue inside your transaction"), whose module
+    /// shortcuts `my_task::enqueue_in` and `my_task::enqueue_many_in` call
+    /// this on the default client.
+    ///
+    /// ```
+    /// # use stem_core::{Task, TaskBuilder, TaskOptions};
+    /// # #[derive(serde::Serialize, serde::Deserialize)]
+    /// # struct AddArgs { a: i64, b: i64 }
+    /// # struct Add;
+    /// # impl Task for Add {
+    /// #     const NAME: &'static str = "doc::add";
+    /// #     const OPTIONS: TaskOptions = TaskOptions::DEFAULT;
+    /// #     type Args = AddArgs;
+    /// #     type Params = (i64, i64);
+    /// #     type Output = i64;
+    /// #     fn args((a, b): Self::Params) -> AddArgs { AddArgs { a, b } }
+    /// # }
+    /// use stem_core::{BrokerError, StemError};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), StemError> {
+    /// // The in-memory adapter has no transactions: it answers `Unsupported`,
+    /// // as does every adapter without them. With SQLite, `tx` would be a
+    /// // `rusqlite::Connection` inside `BEGIN IMMEDIATE`.
+    /// let stem = stem_core::connect("memory://doc-enqueue-args-in").await?;
+    /// let mut tx = String::from("not a transaction");
+    /// let err = TaskBuilder::<Add>::new()
+    ///     .on(&stem)
+    ///     .enqueue_args_in(&mut tx, AddArgs { a: 2, b: 3 })
+    ///     .await
+    ///     .unwrap_err();
+    /// assert!(matches!(err, StemError::Broker(BrokerError::Unsupported { .. })), "{err}");
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// Invalid options or arguments, no client, [`BrokerError::Unsupported`]
+    /// from an adapter without transactions, [`BrokerError::Invalid`] naming
+    /// the type the adapter takes when `tx` is another type (or, on SQLite,
+    /// not inside `BEGIN`), or a broker error.
+    pub async fn enqueue_args_in<X: Any + Send>(
+        self,
+        tx: &mut X,
+        args: T::Args,
+    ) -> Result<TaskHandle<T::Output>, StemError> {
+        let envelope = self.build(&args)?;
+        let client = match self.client {
+            Some(c) => c,
+            None => Stem::default_client().await?,
+        };
+        let published = client
+            .publish_in(tx as &mut (dyn Any + Send), vec![envelope])
+            .await?;
+        let [published] = published[..] else {
+            return Err(wrong_count(&client, 1, published.len()));
+        };
+        Ok(TaskHandle::new(published.id(), client))
+    }
+
+    /// Enqueues many argument sets inside the caller's own open
+    /// transaction, in one broker call; handles come back in input order.
+    /// The tasks exist if and only if that transaction commits.
+    ///
+    /// `tx` is as for [`TaskBuilder::enqueue_args_in`] (SQLite: a
+    /// `rusqlite::Connection` inside `BEGIN IMMEDIATE`; Postgres: `&mut
+    /// *tx`), and so are the errors.
+    ///
+    /// ```
+    /// # use stem_core::{Task, TaskBuilder, TaskOptions};
+    /// # #[derive(serde::Serialize, serde::Deserialize)]
+    /// # struct AddArgs { a: i64, b: i64 }
+    /// # struct Add;
+    /// # impl Task for Add {
+    /// #     const NAME: &'static str = "doc::add";
+    /// #     const OPTIONS: TaskOptions = TaskOptions::DEFAULT;
+    /// #     type Args = AddArgs;
+    /// #     type Params = (i64, i64);
+    /// #     type Output = i64;
+    /// #     fn args((a, b): Self::Params) -> AddArgs { AddArgs { a, b } }
+    /// # }
+    /// use stem_core::{BrokerError, StemError};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), StemError> {
+    /// let stem = stem_core::connect("memory://doc-enqueue-many-in").await?;
+    /// let mut tx = 0_u32; // not a transaction: the memory adapter has none anyway
+    /// let err = TaskBuilder::<Add>::new()
+    ///     .on(&stem)
+    ///     .enqueue_many_in(&mut tx, [Add::args((1, 2)), Add::args((3, 4))])
+    ///     .await
+    ///     .unwrap_err();
+    /// assert!(matches!(err, StemError::Broker(BrokerError::Unsupported { .. })), "{err}");
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`TaskBuilder::enqueue_args_in`]; nothing is stored when any
+    /// envelope is refused (the caller's transaction decides the rest).
+    pub async fn enqueue_many_in<X, I>(
+        self,
+        tx: &mut X,
+        args: I,
+    ) -> Result<Vec<TaskHandle<T::Output>>, StemError>
+    where
+        X: Any + Send,
+        I: IntoIterator<Item = T::Args>,
+    {
+        let envelopes = args
+            .into_iter()
+            .map(|a| self.build(&a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let client = match self.client {
+            Some(c) => c,
+            None => Stem::default_client().await?,
+        };
+        let sent = envelopes.len();
+        let published = client
+            .publish_in(tx as &mut (dyn Any + Send), envelopes)
+            .await?;
+        if published.len() != sent {
+            return Err(wrong_count(&client, sent, published.len()));
+        }
+        Ok(published
+            .into_iter()
+            .map(|p| TaskHandle::new(p.id(), client.clone()))
+            .collect())
+    }
+
     /// An unsent call with these options, for canvas.
     #[must_use]
     pub fn signature_args(self, args: T::Args) -> Signature<T::Output> {
@@ -248,6 +403,21 @@ macro_rules! positional {
             #[allow(clippy::too_many_arguments)]
             pub async fn enqueue(self, $($arg: $Arg),*) -> Result<TaskHandle<T::Output>, StemError> {
                 self.enqueue_args(T::args(($($arg,)*))).await
+            }
+
+            /// Enqueues the task with these options inside the caller's own
+            /// open transaction; the task exists if and only if it commits.
+            /// The arguments come in the order the task function declares
+            /// them. `tx` is as for [`TaskBuilder::enqueue_args_in`] (SQLite:
+            /// a `rusqlite::Connection` inside `BEGIN IMMEDIATE`; Postgres:
+            /// `&mut *tx`), which has the example.
+            ///
+            /// # Errors
+            /// As [`TaskBuilder::enqueue_args_in`]: `Unsupported` without
+            /// transactions, `Invalid` for a `tx` of the wrong type.
+            #[allow(clippy::too_many_arguments)]
+            pub async fn enqueue_in<X: Any + Send>(self, tx: &mut X, $($arg: $Arg),*) -> Result<TaskHandle<T::Output>, StemError> {
+                self.enqueue_args_in(tx, T::args(($($arg,)*))).await
             }
 
             /// An unsent call with these options, for canvas.
@@ -337,6 +507,18 @@ pub fn build_envelope(
     }
     env.validate()?;
     Ok(env)
+}
+
+/// An adapter that answered `publish_in` with another number of results
+/// than envelopes sent: the handles could not be matched to the calls.
+fn wrong_count(client: &Stem, sent: usize, got: usize) -> StemError {
+    StemError::Broker(BrokerError::Storage {
+        adapter: client.broker().describe(),
+        reason: format!(
+            "publish_in answered {got} results for {sent} envelopes (an adapter bug); roll the transaction back"
+        ),
+        source: None,
+    })
 }
 
 fn to_chrono(d: Duration) -> chrono::Duration {

@@ -356,6 +356,43 @@ impl<'a> Gen<'a> {
                     with().enqueue_many(args).await
                 }
 
+                /// Enqueues the task on the default client inside the caller's
+                /// own open transaction: the task exists if and only if it
+                /// commits. SQLite: a `rusqlite::Connection` on the broker's
+                /// file, after `BEGIN IMMEDIATE`, passed as `&mut conn`.
+                /// Postgres: `&mut *tx` on a `sqlx` transaction (always
+                /// compiles; `&mut tx` only for a `'static` one). See
+                /// `stem::TaskBuilder::enqueue_args_in`; for another client,
+                /// `with().on(&client).enqueue_in(..)`.
+                ///
+                /// # Errors
+                /// No default client, invalid arguments, `Invalid` when `tx`
+                /// is not the type the adapter takes (the message names it),
+                /// `Unsupported` on an adapter without transactions, or a
+                /// broker error (on Postgres the transaction is then aborted:
+                /// only `ROLLBACK` is possible).
+                #[allow(clippy::too_many_arguments)]
+                #iv async fn enqueue_in<__StemTx: ::core::any::Any + ::core::marker::Send>(
+                    __stem_tx: &mut __StemTx,
+                    #params
+                ) -> ::core::result::Result<#p::TaskHandle<Output>, #p::StemError> #where_clause {
+                    with().enqueue_in(__stem_tx, #(#idents),*).await
+                }
+
+                /// Enqueues many calls on the default client, in one broker
+                /// call inside the caller's own open transaction; the tasks
+                /// exist if and only if it commits, and the handles come back
+                /// in input order. `tx` is as for `enqueue_in`.
+                ///
+                /// # Errors
+                /// As `enqueue_in`.
+                #iv async fn enqueue_many_in<__StemTx: ::core::any::Any + ::core::marker::Send>(
+                    __stem_tx: &mut __StemTx,
+                    args: impl ::core::iter::IntoIterator<Item = Args>,
+                ) -> ::core::result::Result<::std::vec::Vec<#p::TaskHandle<Output>>, #p::StemError> #where_clause {
+                    with().enqueue_many_in(__stem_tx, args).await
+                }
+
                 /// An unsent call, for groups, chains and chords.
                 #[must_use]
                 #[allow(clippy::too_many_arguments)]
@@ -562,6 +599,10 @@ impl<'a> Gen<'a> {
                 #iv async fn enqueue_on(_: &#p::Stem, #(#params),*) -> ::core::result::Result<#p::TaskHandle<Output>, #p::StemError> { #unreachable }
                 /// Enqueues many calls.
                 #iv async fn enqueue_many(_: impl ::core::iter::IntoIterator) -> ::core::result::Result<::std::vec::Vec<#p::TaskHandle<Output>>, #p::StemError> { #unreachable }
+                /// Enqueues the task inside the caller's transaction.
+                #iv async fn enqueue_in<__StemTx>(_: &mut __StemTx, #(#params),*) -> ::core::result::Result<#p::TaskHandle<Output>, #p::StemError> { #unreachable }
+                /// Enqueues many calls inside the caller's transaction.
+                #iv async fn enqueue_many_in<__StemTx>(_: &mut __StemTx, _: impl ::core::iter::IntoIterator) -> ::core::result::Result<::std::vec::Vec<#p::TaskHandle<Output>>, #p::StemError> { #unreachable }
                 /// An unsent call.
                 #iv fn signature(#(#params),*) -> #p::Signature<Output> { #unreachable }
             }

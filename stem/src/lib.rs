@@ -28,6 +28,55 @@
 //! (feature `sqlite`, on by default). Each adapter is also a typed
 //! constructor under [`adapters`].
 //!
+//! # Enqueue inside your transaction
+//! `my_task::enqueue_in(&mut tx, ..)`, `my_task::enqueue_many_in(&mut tx,
+//! [..])` and `my_task::with().on(&stem).enqueue_in(&mut tx, ..)` store the
+//! task with your own open transaction: it exists if and only if that
+//! transaction commits ([`TaskBuilder::enqueue_args_in`] says what `tx` is
+//! for each adapter; for Postgres, pass `&mut *tx`). With SQLite, `tx` is a
+//! `rusqlite::Connection` on the broker's file, after `BEGIN IMMEDIATE`:
+//!
+//! ```
+//! use stem::adapters::sqlite::rusqlite;
+//!
+//! #[stem::task(queue = "shipping")]
+//! async fn ship(order_id: u64) -> u64 {
+//!     order_id
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = std::env::temp_dir().join(format!("stem-doc-tx-{}", stem::TaskId::new()));
+//! # std::fs::create_dir_all(&dir)?;
+//! # let path = dir.join("shop.db");
+//! let stem = stem::connect(&format!("sqlite://{}", path.display())).await?;
+//! let mut conn = rusqlite::Connection::open(&path)?;
+//! conn.busy_timeout(std::time::Duration::from_secs(10))?;
+//! conn.execute_batch("CREATE TABLE orders (id INTEGER PRIMARY KEY)")?;
+//!
+//! conn.execute_batch("BEGIN IMMEDIATE")?;
+//! conn.execute("INSERT INTO orders (id) VALUES (?1)", [42])?;
+//! let handle = ship::with().on(&stem).enqueue_in(&mut conn, 42).await?;
+//! assert_eq!(stem.stats("shipping").await?.ready, 0, "not before the commit");
+//! conn.execute_batch("COMMIT")?; // the order and its task, together
+//! assert_eq!(stem.stats("shipping").await?.ready, 1);
+//!
+//! conn.execute_batch("BEGIN IMMEDIATE")?;
+//! conn.execute("INSERT INTO orders (id) VALUES (?1)", [43])?;
+//! ship::with().on(&stem).enqueue_many_in(&mut conn, [ship::Args { order_id: 43 }]).await?;
+//! conn.execute_batch("ROLLBACK")?; // neither
+//! assert_eq!(stem.stats("shipping").await?.ready, 1);
+//!
+//! let worker = stem::worker::Worker::builder().client(&stem).build().await?.start();
+//! assert_eq!(handle.wait(std::time::Duration::from_secs(10)).await?, 42);
+//! worker.shutdown();
+//! worker.join().await;
+//! # drop(conn);
+//! # let _ = std::fs::remove_dir_all(&dir);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Linking tasks from other crates
 //! Tasks register at link time. A crate whose items are never referenced
 //! from the final binary can be dropped by the linker with its tasks; name
