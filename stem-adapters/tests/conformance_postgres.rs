@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::Connection;
-use stem_adapters::postgres::{PostgresBroker, PostgresOptions, schema_name};
+use stem_adapters::postgres::{PostgresBackend, PostgresBroker, PostgresOptions, schema_name};
 use stem_core::clock::Clock;
 use stem_core::kit::{AdapterFactory, KitOptions};
 use stem_core::{Broker, ResultBackend};
@@ -51,12 +51,6 @@ async fn admin() -> sqlx::PgConnection {
     sqlx::PgConnection::connect(&server_url())
         .await
         .unwrap_or_else(|e| panic!("Postgres reachable at STEM_TEST_POSTGRES_URL: {e}"))
-}
-
-fn backend_path(opts: &KitOptions) -> std::path::PathBuf {
-    std::env::temp_dir()
-        .join("stem-kit-postgres")
-        .join(format!("{}.db", opts.storage))
 }
 
 struct PostgresFactory;
@@ -103,29 +97,9 @@ impl AdapterFactory for PostgresFactory {
 
     async fn backend(&self, opts: &KitOptions) -> Arc<dyn ResultBackend> {
         Arc::new(
-            stem_adapters::sqlite::SqliteBackend::open(
-                backend_path(opts),
-                stem_adapters::sqlite::SqliteOptions {
-                    namespace: opts.namespace.clone(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap_or_else(|e| panic!("SQLite backend opens: {e}")),
-        )
-    }
-
-    async fn peer_backend(&self, opts: &KitOptions) -> Arc<dyn ResultBackend> {
-        Arc::new(
-            stem_adapters::sqlite::SqliteBackend::open_unshared(
-                backend_path(opts),
-                stem_adapters::sqlite::SqliteOptions {
-                    namespace: opts.namespace.clone(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap_or_else(|e| panic!("SQLite backend opens: {e}")),
+            PostgresBackend::connect(&server_url(), Self::options(opts))
+                .await
+                .unwrap_or_else(|e| panic!("Postgres backend connects: {e}")),
         )
     }
 
@@ -153,12 +127,6 @@ impl AdapterFactory for PostgresFactory {
             .await
             .unwrap_or_else(|e| panic!("schemas counted: {e}"));
         assert_eq!(left, 0, "schema {schema} outlived its cleanup");
-        let path = backend_path(opts);
-        for suffix in ["", "-wal", "-shm"] {
-            let mut p = path.clone().into_os_string();
-            p.push(suffix);
-            let _ = std::fs::remove_file(p);
-        }
     }
 
     /// Terminates every server connection of this case (its

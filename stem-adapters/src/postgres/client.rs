@@ -29,8 +29,6 @@ pub(crate) struct Client {
     pub(crate) opts: PostgresOptions,
     /// The `LISTEN` connection and its waiters, started on first use.
     pub(crate) hub: Hub,
-    /// Host, port and database: what makes two clients share storage.
-    pub(crate) place: (String, u16, Option<String>),
 }
 
 impl std::fmt::Debug for Client {
@@ -130,12 +128,6 @@ impl Client {
                 )),
                 MigrateError::Refused(why) => bad_value("schema", &schema, &why),
             })?;
-        let o = pool.connect_options();
-        let place = (
-            o.get_host().to_owned(),
-            o.get_port(),
-            o.get_database().map(str::to_owned),
-        );
         let sql = Sql::new(&schema::quote(&schema));
         let hub = Hub::new(pool.clone(), schema.clone(), describe.clone());
         Ok(Arc::new(Self {
@@ -145,17 +137,7 @@ impl Client {
             describe,
             opts,
             hub,
-            place,
         }))
-    }
-
-    /// Whether `other` reads and writes the same tables.
-    #[expect(
-        dead_code,
-        reason = "the result backend's co-location check; it lands next"
-    )]
-    pub(crate) fn same_storage(&self, other: &Self) -> bool {
-        self.schema == other.schema && self.place == other.place
     }
 
     /// A driver error as a broker error.
@@ -164,7 +146,6 @@ impl Client {
     }
 
     /// A driver error as a backend error.
-    #[expect(dead_code, reason = "the result backend; it lands next")]
     pub(crate) fn backend_err(&self, what: &str, e: sqlx::Error) -> BackendError {
         match broker_error(&self.describe, what, e) {
             BrokerError::Unavailable {

@@ -89,7 +89,6 @@ impl Inner {
 
 /// A waiter on one record; dropping it forgets the record when nobody
 /// else waits on it.
-#[expect(dead_code, reason = "the result backend's waiters; it lands next")]
 pub(crate) struct RecordWatch {
     pub(crate) rx: watch::Receiver<u64>,
     id: TaskId,
@@ -133,7 +132,6 @@ impl Hub {
     }
 
     /// A watch bumped when `id`'s record may have turned terminal.
-    #[expect(dead_code, reason = "the result backend's waiters; it lands next")]
     pub(crate) async fn record(&self, id: TaskId) -> RecordWatch {
         self.start().await;
         let mut map = self.inner.lock_records();

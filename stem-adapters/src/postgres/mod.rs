@@ -59,6 +59,7 @@
 //! `Unavailable`, never a false `Ok`.
 
 mod admin;
+mod backend;
 mod broadcast;
 mod broker;
 mod client;
@@ -73,6 +74,7 @@ mod tx;
 
 use std::time::Duration;
 
+pub use backend::PostgresBackend;
 pub use broker::PostgresBroker;
 pub use schema::schema_name;
 /// The sqlx this adapter links, for transactional enqueue: begin a
@@ -278,6 +280,18 @@ fn options_for(opts: &ConnectOptions) -> PostgresOptions {
     }
 }
 
+fn open_backend(
+    opts: ConnectOptions,
+) -> futures::future::BoxFuture<
+    'static,
+    Result<std::sync::Arc<dyn stem_core::ResultBackend>, StemError>,
+> {
+    Box::pin(async move {
+        let b = PostgresBackend::connect(&opts.url, options_for(&opts)).await?;
+        Ok(std::sync::Arc::new(b) as std::sync::Arc<dyn stem_core::ResultBackend>)
+    })
+}
+
 fn open_broker(
     opts: ConnectOptions,
 ) -> futures::future::BoxFuture<'static, Result<std::sync::Arc<dyn stem_core::Broker>, StemError>> {
@@ -291,7 +305,7 @@ inventory::submit! {
     AdapterEntry {
         scheme: SCHEME,
         broker: Some(open_broker),
-        backend: None,
+        backend: Some(open_backend),
     }
 }
 
@@ -299,11 +313,11 @@ inventory::submit! {
     AdapterEntry {
         scheme: SCHEME_LONG,
         broker: Some(open_broker),
-        backend: None,
+        backend: Some(open_backend),
     }
 }
 
-type Openers = (stem_core::url::BrokerOpener,);
+type Openers = (stem_core::url::BrokerOpener, stem_core::url::BackendOpener);
 
 /// Milliseconds of `d` as the `int8` the statements take.
 pub(crate) fn ms_of(d: Duration) -> i64 {
@@ -314,7 +328,7 @@ pub(crate) fn ms_of(d: Duration) -> i64 {
 /// in the binary.
 #[inline(never)]
 pub(crate) fn link() -> usize {
-    let openers: [Openers; 1] = [(open_broker,)];
+    let openers: [Openers; 1] = [(open_broker, open_backend)];
     std::hint::black_box(&openers).len()
 }
 
