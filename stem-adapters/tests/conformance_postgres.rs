@@ -172,3 +172,32 @@ mod conformance {
     use super::PostgresFactory;
     stem_core::conformance_tests!(postgres, PostgresFactory);
 }
+
+/// A pool too small for a worker's slots is reported with what to set.
+#[test]
+fn a_pool_too_small_for_the_slots_is_reported() {
+    if stem_core::kit::server_missing(&PostgresFactory, "pool_capacity") {
+        return;
+    }
+    stem_core::kit::run(async {
+        let opts = KitOptions::new("postgres", "pool");
+        let broker = PostgresFactory::open(PostgresOptions {
+            max_connections: Some(5),
+            ..PostgresFactory::options(&opts)
+        })
+        .await;
+        let warning = broker
+            .check_capacity(64)
+            .expect("5 connections cannot serve 64 slots");
+        assert!(
+            warning.contains("max_connections=20") && warning.contains("64 slots"),
+            "{warning}"
+        );
+        assert_eq!(
+            broker.check_capacity(4),
+            None,
+            "5 connections serve 4 slots"
+        );
+        broker.drop_schema().await.expect("schema dropped");
+    });
+}

@@ -10,6 +10,8 @@
 //! cargo run --release -p stem-bench -- --broker memory:// --scenario drain --tasks 1000000 --json
 //! # SQLite (a fresh namespace per scenario, so an old file does not matter)
 //! cargo run --release -p stem-bench -- --broker sqlite:///tmp/stem-bench.db --scenario drain --tasks 100000 --json
+//! # Postgres (a schema per scenario, dropped after it; sizes logged first)
+//! cargo run --release -p stem-bench -- --broker postgres://postgres@127.0.0.1:5432/test --scenario drain --tasks 100000 --json
 //! # all four scenarios; `sqlite://` alone uses a temp file
 //! cargo run --release -p stem-bench -- --broker sqlite:// --scenario all --tasks 100000
 //! # latency with two worker processes (this binary re-executed as workers)
@@ -79,7 +81,7 @@ pub(crate) type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 )]
 #[allow(clippy::struct_excessive_bools)]
 struct Cli {
-    /// Broker URL: `memory://[name]`, `sqlite:///path/file.db` (`sqlite://` alone: a temp file) or `redis://host:6379`.
+    /// Broker URL: `memory://[name]`, `sqlite:///path/file.db` (`sqlite://` alone: a temp file), `redis://host:6379` or `postgres://user@host:5432/db`.
     #[arg(long, default_value = "memory://")]
     broker: String,
     /// Result backend URL; without one no results are written.

@@ -222,6 +222,38 @@ impl Bench {
             let b = RedisBroker::connect(&self.broker, RedisOptions::default()).await?;
             b.delete_namespace(ns).await?;
         }
+        if self.broker.starts_with("postgres://") || self.broker.starts_with("postgresql://") {
+            use stem::adapters::postgres::{PostgresBroker, PostgresOptions};
+            let b = PostgresBroker::connect(
+                &self.broker,
+                PostgresOptions {
+                    namespace: ns.to_owned(),
+                    ..PostgresOptions::default()
+                },
+            )
+            .await?;
+            // What the burn-down left behind, before the schema goes.
+            let sizes: (i64, i64, i64, i64, i64) = stem::adapters::postgres::sqlx::query_as(
+                stem::adapters::postgres::sqlx::AssertSqlSafe(format!(
+                    "SELECT pg_relation_size('\"{s}\".jobs'), pg_relation_size('\"{s}\".jobs_ready'), \
+                     pg_relation_size('\"{s}\".jobs_due'), pg_relation_size('\"{s}\".jobs_pkey'), \
+                     COALESCE((SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = '\"{s}\".jobs'::regclass), 0)",
+                    s = b.schema()
+                )),
+            )
+            .fetch_one(b.pool())
+            .await?;
+            tracing::info!(
+                schema = b.schema(),
+                heap_bytes = sizes.0,
+                jobs_ready_bytes = sizes.1,
+                jobs_due_bytes = sizes.2,
+                jobs_pkey_bytes = sizes.3,
+                dead_rows = sizes.4,
+                "postgres table and index sizes after the scenario"
+            );
+            b.drop_schema().await?;
+        }
         Ok(())
     }
 

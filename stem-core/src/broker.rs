@@ -687,6 +687,15 @@ pub trait Broker: Send + Sync + 'static {
         false
     }
 
+    /// Whether this client can serve a worker running `slots` tasks at
+    /// once: `None` when it can, else a sentence saying what to change (a
+    /// connection pool smaller than such a worker needs). The worker logs
+    /// it as a warning when it starts. The default: `None`.
+    fn check_capacity(&self, slots: usize) -> Option<String> {
+        let _ = slots;
+        None
+    }
+
     /// Queue inspection and purge (B13), when the adapter has them.
     fn queues(&self) -> Option<&dyn QueueAdmin> {
         None

@@ -209,6 +209,19 @@ impl Broker for PostgresBroker {
         false
     }
 
+    /// A pool smaller than [`default_pool_size`] of `slots` cannot keep
+    /// the worker's fetcher, completer, lease keeper and the handlers'
+    /// enqueues going at once.
+    fn check_capacity(&self, slots: usize) -> Option<String> {
+        let have = self.client.pool.options().get_max_connections();
+        let want = default_pool_size(slots);
+        (have < want).then(|| {
+            format!(
+                "a pool of {have} connections for {slots} slots: raise it to {want} (URL `?max_connections={want}`) or lower the concurrency"
+            )
+        })
+    }
+
     fn queues(&self) -> Option<&dyn QueueAdmin> {
         Some(self)
     }
@@ -228,16 +241,4 @@ impl Broker for PostgresBroker {
     async fn maintain(&self) -> Result<(), BrokerError> {
         maintain::maintain(&self.client, &self.housekeeping).await
     }
-}
-
-/// The pool size this broker was given, and whether it serves `slots`.
-#[allow(dead_code)]
-pub(crate) fn pool_serves(broker: &PostgresBroker, slots: usize) -> Option<String> {
-    let have = broker.client.pool.options().get_max_connections();
-    let want = default_pool_size(slots);
-    (have < want).then(|| {
-        format!(
-            "pool of {have} connections for {slots} slots: raise max_connections to {want} (URL `?max_connections={want}`) or lower the concurrency"
-        )
-    })
 }

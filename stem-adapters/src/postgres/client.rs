@@ -55,7 +55,9 @@ impl Client {
             .application_name(opts.application_name.as_deref().unwrap_or("stem"))
             .log_statements(tracing::log::LevelFilter::Trace)
             .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(5));
-        let size = opts.max_connections.unwrap_or(default_pool_size(16));
+        let size = opts
+            .max_connections
+            .unwrap_or_else(|| default_pool_size(worker_concurrency()));
         let pool = PgPoolOptions::new()
             .max_connections(size)
             .min_connections(0)
@@ -169,6 +171,16 @@ impl Client {
             other => BackendError::Invalid(other.to_string()),
         }
     }
+}
+
+/// The concurrency a worker of this process will run with by default:
+/// `STEM_CONCURRENCY` when set, else the worker's own default.
+fn worker_concurrency() -> usize {
+    std::env::var("STEM_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| stem_core::worker::WorkerConfig::default().concurrency)
 }
 
 fn bad_value(key: &str, value: &str, reason: &str) -> StemError {

@@ -115,8 +115,10 @@ pub struct PostgresOptions {
     /// The connection's `application_name` (shown in `pg_stat_activity`);
     /// default `stem`.
     pub application_name: Option<String>,
-    /// Connections in the pool; `None`: sized from the worker's
-    /// concurrency (see [`default_pool_size`]), 8 for the default 16.
+    /// Connections in the pool; `None`: sized for the worker's concurrency
+    /// (`STEM_CONCURRENCY`, else the worker's default: 16 on two cores) by
+    /// [`default_pool_size`], 8 for 16 slots. A worker whose pool is too
+    /// small for its slots says so when it starts.
     pub max_connections: Option<u32>,
     /// How long an idle consumer sleeps at most between looks when no
     /// notification arrives (the fallback behind `LISTEN`).

@@ -25,6 +25,9 @@ pub(crate) async fn supervise(
         tasks = %rt.known_names,
         "worker started"
     );
+    if let Some(warning) = rt.broker.check_capacity(rt.config.concurrency) {
+        tracing::warn!(broker = %rt.broker.describe(), "{warning}");
+    }
     let completer = tokio::spawn(completer::run(
         completer::CompleterParts {
             broker: Arc::clone(&rt.broker),
