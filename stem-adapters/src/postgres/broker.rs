@@ -204,9 +204,14 @@ impl Broker for PostgresBroker {
         settle::settle(&self.client, batch).await
     }
 
+    /// True for a [`PostgresBackend`](super::PostgresBackend) of the same
+    /// schema on the same database: records are then written in the
+    /// settlement's statement, and only where the lease was held.
     fn stores_results_of(&self, backend: &dyn ResultBackend) -> bool {
-        let _ = backend;
-        false
+        backend
+            .as_any()
+            .and_then(|b| b.downcast_ref::<super::PostgresBackend>())
+            .is_some_and(|b| self.client.same_storage(&b.client))
     }
 
     /// A pool smaller than [`default_pool_size`] of `slots` cannot keep

@@ -142,6 +142,19 @@ impl Client {
         }))
     }
 
+    /// Whether `other` reads and writes the same tables: the same schema
+    /// on the same server and database.
+    pub(crate) fn same_storage(&self, other: &Self) -> bool {
+        if std::ptr::eq(self, other) {
+            return true;
+        }
+        let (a, b) = (self.pool.connect_options(), other.pool.connect_options());
+        self.schema == other.schema
+            && a.get_host() == b.get_host()
+            && a.get_port() == b.get_port()
+            && a.get_database() == b.get_database()
+    }
+
     /// A driver error as a broker error.
     pub(crate) fn broker_err(&self, what: &str, e: sqlx::Error) -> BrokerError {
         broker_error(&self.describe, what, e)

@@ -178,6 +178,7 @@ async fn claim(
                     charge: false,
                     // Lossy text; Postgres text cannot hold NUL either.
                     raw: Some(String::from_utf8_lossy(&row.bytes).replace('\0', "\u{fffd}")),
+                    record: None,
                 });
             }
         }

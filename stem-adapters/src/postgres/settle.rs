@@ -7,6 +7,7 @@ use std::time::Duration;
 use sqlx::AssertSqlSafe;
 use stem_core::{BrokerError, Disposition, Receipt, Settlement};
 
+use super::backend::{RecordRow, record_row};
 use super::client::Client;
 use super::ms_of;
 
@@ -30,6 +31,8 @@ pub(crate) struct Fenced {
     pub(crate) reason: Option<String>,
     pub(crate) charge: bool,
     pub(crate) raw: Option<String>,
+    /// The task record written with it (results stored here).
+    pub(crate) record: Option<RecordRow>,
 }
 
 /// A receipt's row and token; `None` when it is not one of this adapter's.
@@ -50,6 +53,13 @@ impl Fenced {
             reason: None,
             charge: false,
             raw: None,
+            record: s.record.as_deref().and_then(|r| match record_row(r) {
+                Ok(row) => Some(row),
+                Err(e) => {
+                    tracing::error!(task_id = %r.id, error = %e, "task record cannot be stored; settling without it");
+                    None
+                }
+            }),
         };
         match &s.disposition {
             Disposition::Ack => {}
@@ -78,7 +88,8 @@ impl Fenced {
 }
 
 /// Runs `items` as one statement; returns the ids whose lease was live
-/// (and are now settled). Every id must appear once.
+/// (and are now settled, their records written by the R1 rule). Every id
+/// must appear once.
 pub(crate) async fn run(client: &Client, items: &[Fenced]) -> Result<HashSet<i64>, BrokerError> {
     let n = items.len();
     let mut ids = Vec::with_capacity(n);
@@ -99,7 +110,13 @@ pub(crate) async fn run(client: &Client, items: &[Fenced]) -> Result<HashSet<i64
         charges.push(f.charge);
         raws.push(f.raw.as_deref());
     }
-    let done: Vec<(i64, i64)> = sqlx::query_as(AssertSqlSafe(client.sql.settle.clone()))
+    let with_records = items.iter().any(|f| f.record.is_some());
+    let sql = if with_records {
+        &client.sql.settle_records
+    } else {
+        &client.sql.settle
+    };
+    let mut q = sqlx::query_as::<_, (i64, i64)>(AssertSqlSafe(sql.clone()))
         .bind(ids)
         .bind(tokens)
         .bind(kinds)
@@ -109,7 +126,45 @@ pub(crate) async fn run(client: &Client, items: &[Fenced]) -> Result<HashSet<i64
         .bind(charges)
         .bind(raws)
         .bind(ms_of(client.opts.dead_letter_retention))
-        .bind(&client.schema)
+        .bind(&client.schema);
+    if with_records {
+        fn r(f: &Fenced) -> Option<&RecordRow> {
+            f.record.as_ref()
+        }
+        q = q
+            .bind(items.iter().map(|f| r(f).map(|r| r.id)).collect::<Vec<_>>())
+            .bind(
+                items
+                    .iter()
+                    .map(|f| r(f).map(|r| r.state))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                items
+                    .iter()
+                    .map(|f| r(f).map(|r| r.terminal))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                items
+                    .iter()
+                    .map(|f| r(f).map(|r| r.attempts))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                items
+                    .iter()
+                    .map(|f| r(f).map(|r| r.ttl_ms))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                items
+                    .iter()
+                    .map(|f| r(f).map(|r| r.json.as_str()))
+                    .collect::<Vec<_>>(),
+            );
+    }
+    let done = q
         .fetch_all(&client.pool)
         .await
         .map_err(|e| client.broker_err("settle", e))?;
@@ -132,11 +187,31 @@ pub(crate) async fn settle(client: &Client, batch: &[Settlement]) -> Vec<Result<
             _ => which.push(None),
         }
     }
-    let done = if items.is_empty() {
-        Ok(HashSet::new())
-    } else {
-        run(client, &items).await
-    };
+    // One statement per run of items whose records name distinct tasks
+    // (an upsert may touch a row once per statement).
+    let mut done = Ok(HashSet::new());
+    let mut start = 0;
+    while start < items.len() {
+        let mut tasks = HashSet::new();
+        let end = start
+            + items[start..]
+                .iter()
+                .take_while(|f| f.record.as_ref().is_none_or(|r| tasks.insert(r.id)))
+                .count()
+                .max(1);
+        match run(client, &items[start..end]).await {
+            Ok(ids) => {
+                if let Ok(all) = &mut done {
+                    all.extend(ids);
+                }
+            }
+            Err(e) => {
+                done = Err(e);
+                break;
+            }
+        }
+        start = end;
+    }
     answer(batch.iter().map(|s| &s.receipt), &which, done)
 }
 

@@ -13,6 +13,7 @@ pub(crate) struct Sql {
     pub(crate) claim: Arc<str>,
     pub(crate) extend: Arc<str>,
     pub(crate) settle: Arc<str>,
+    pub(crate) settle_records: Arc<str>,
     pub(crate) stats: Arc<str>,
     pub(crate) purge: Arc<str>,
     pub(crate) dead_list: Arc<str>,
@@ -141,10 +142,15 @@ RETURNING j.id, j.token";
 /// until-finished unique key; a requeue notifies its queue.
 /// $1 ids, $2 tokens, $3 kinds, $4 delays (ms), $5 errors, $6 reasons,
 /// $7 charges, $8 raw texts, $9 dead-letter retention (ms), $10 channel.
-const SETTLE: &str = "
+/// This is its first part: the batch as rows.
+const SETTLE_HEAD: &str = "
 WITH s AS (
   SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int2[], $4::int8[], $5::text[], $6::text[], $7::bool[], $8::text[])
-    AS s(id, token, kind, after_ms, error, reason, charge, raw)
+    AS s(id, token, kind, after_ms, error, reason, charge, raw)";
+
+/// The settlements themselves, ending in `done`: the rows whose lease was
+/// live.
+const SETTLE_BODY: &str = "
 ), acked AS (
   DELETE FROM {S}.jobs j USING s
   WHERE s.kind = 0 AND j.id = s.id AND j.token = s.token
@@ -179,9 +185,33 @@ WITH s AS (
 ), wake AS (
   SELECT pg_notify($10, CASE WHEN state = 0 THEN 'j ' ELSE 't ' END || queue)
   FROM (SELECT DISTINCT queue, state FROM requeued) q
+), done AS (
+  SELECT id FROM acked UNION ALL SELECT id FROM requeued UNION ALL SELECT id FROM buried
+)";
+
+/// The end of SETTLE without records.
+const SETTLE_TAIL: &str = "
+SELECT x.id, (SELECT count(*) FROM wake)::int8 FROM done x";
+
+/// The first part of a settle batch that writes records: the record
+/// columns ($11..$16: id, state, terminal, attempts, ttl ms, json) are
+/// NULL where no record goes along.
+const SETTLE_RECORDS_HEAD: &str = "
+WITH s AS (
+  SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int2[], $4::int8[], $5::text[], $6::text[], $7::bool[], $8::text[],
+                       $11::uuid[], $12::text[], $13::bool[], $14::int4[], $15::int8[], $16::text[])
+    AS s(id, token, kind, after_ms, error, reason, charge, raw, rid, rstate, rterminal, rattempts, rttl, rjson)";
+
+/// The end of SETTLE with records: each record is written only where its
+/// settlement's lease was held (it is in `done`), by the R1 rule, and a
+/// terminal one notifies its waiters.
+const SETTLE_RECORDS_TAIL: &str = "
+, records AS (
+  {UPSERT}
+), rwake AS (
+  SELECT pg_notify($10, 'r ' || id) FROM records WHERE terminal
 )
-SELECT x.id, (SELECT count(*) FROM wake)::int8
-FROM (SELECT id FROM acked UNION ALL SELECT id FROM requeued UNION ALL SELECT id FROM buried) x";
+SELECT x.id, (SELECT count(*) FROM wake)::int8 + (SELECT count(*) FROM rwake)::int8 FROM done x";
 
 /// Counts of one queue; an expired lease counts as ready.
 const STATS: &str = "
@@ -284,7 +314,19 @@ impl Sql {
             publish_unique: f(PUBLISH_UNIQUE),
             claim: f(CLAIM),
             extend: f(EXTEND),
-            settle: f(SETTLE),
+            settle: f(&format!("{SETTLE_HEAD}{SETTLE_BODY}{SETTLE_TAIL}")),
+            settle_records: f(&format!(
+                "{SETTLE_RECORDS_HEAD}{SETTLE_BODY}{}",
+                SETTLE_RECORDS_TAIL.replace(
+                    "{UPSERT}",
+                    &super::backend::results_upsert(
+                        "{S}",
+                        "SELECT s.rid, s.rstate, s.rterminal, s.rattempts, \
+                         now() + s.rttl * interval '1 millisecond', s.rjson::jsonb \
+                         FROM s JOIN done ON done.id = s.id WHERE s.rid IS NOT NULL",
+                    ),
+                )
+            )),
             stats: f(STATS),
             purge: f(PURGE),
             dead_list: f(DEAD_LIST),
