@@ -3,8 +3,8 @@
 //! `fetch`, `settle`, `admin`, `broadcast`, `maintain`, `tx`.
 
 use std::any::Any;
-use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -25,6 +25,7 @@ use super::{PostgresOptions, default_pool_size, fetch, maintain, publish, settle
 pub struct PostgresBroker {
     pub(crate) client: Arc<Client>,
     rotate: Arc<AtomicUsize>,
+    idle: Arc<Mutex<fetch::Idle>>,
     housekeeping: Arc<Housekeeping>,
 }
 
@@ -68,6 +69,7 @@ impl PostgresBroker {
         Self {
             client,
             rotate: Arc::new(AtomicUsize::new(0)),
+            idle: Arc::new(Mutex::new(fetch::Idle::default())),
             housekeeping: Arc::new(Housekeeping::default()),
         }
     }
@@ -183,7 +185,7 @@ impl Broker for PostgresBroker {
     }
 
     async fn fetch(&self, req: &FetchRequest) -> Result<Vec<Delivery>, BrokerError> {
-        fetch::fetch(&self.client, req, &self.rotate).await
+        fetch::fetch(&self.client, req, &self.rotate, &self.idle).await
     }
 
     async fn extend_leases(

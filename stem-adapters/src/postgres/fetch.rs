@@ -2,8 +2,8 @@
 //! queue, fair across queues, and the wait between claims: a notification,
 //! the next due time, or the fallback poll, whichever comes first.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use sqlx::{AssertSqlSafe, PgConnection};
@@ -45,12 +45,27 @@ struct Claimed {
     queue: usize,
 }
 
+/// What the last fetch that found nothing knew, so the next one (the
+/// worker calls again at once) does not ask the server again before
+/// anything can have changed: one query per poll interval when idle.
+#[derive(Debug, Default)]
+pub(crate) struct Idle {
+    queues: Vec<String>,
+    /// When the empty look was made.
+    at: Option<tokio::time::Instant>,
+    /// The queue's next due time then.
+    due: Option<tokio::time::Instant>,
+    /// The queues' watch values just before it.
+    seen: Vec<u64>,
+}
+
 /// Leases up to `req.max` envelopes, waiting up to `req.wait` for the first.
 /// Cancel-safe while it waits: a dropped fetch has claimed nothing.
 pub(crate) async fn fetch(
     client: &Client,
     req: &FetchRequest,
     rotate: &AtomicUsize,
+    idle: &Mutex<Idle>,
 ) -> Result<Vec<Delivery>, BrokerError> {
     if req.queues.is_empty() || req.max == 0 {
         return Ok(Vec::new());
@@ -67,29 +82,89 @@ pub(crate) async fn fetch(
             watches.push(client.hub.queue(q).await);
         }
     }
-    loop {
-        for w in &mut watches {
-            w.borrow_and_update();
-        }
-        let (got, next_due) = claim(client, req, rotate).await?;
+    let poll = client.opts.poll_interval;
+    // Nothing changed since the last empty look, which is recent: wait first.
+    let mut look = !watches.is_empty() && {
+        let last = idle.lock().unwrap_or_else(PoisonError::into_inner);
         let now = tokio::time::Instant::now();
-        if !got.is_empty() || now >= deadline || watches.is_empty() {
-            return Ok(got);
+        last.queues == req.queues
+            && last.at.is_some_and(|at| now < at + poll)
+            && last.due.is_none_or(|d| now < d)
+            && last
+                .seen
+                .iter()
+                .zip(&watches)
+                .all(|(v, w)| *v == *w.borrow())
+    };
+    let mut claim_next = !look;
+    loop {
+        let seen: Vec<u64> = watches.iter_mut().map(|w| *w.borrow_and_update()).collect();
+        if claim_next {
+            // Woken by the clock rather than a notification, over several
+            // queues: one look over all of them before a claim per queue.
+            let worth = if look && req.queues.len() > 1 {
+                peek(client, &req.queues).await?
+            } else {
+                (true, None)
+            };
+            let (got, next_due) = if worth.0 {
+                claim(client, req, rotate).await?
+            } else {
+                (Vec::new(), worth.1)
+            };
+            let now = tokio::time::Instant::now();
+            let due = next_due.map(|ms| {
+                // Due rows another consumer holds locked (ms <= 0) are
+                // looked at again shortly, not in a spin.
+                now + Duration::from_millis(u64::try_from(ms.max(5)).unwrap_or(5) + 1)
+            });
+            *idle.lock().unwrap_or_else(PoisonError::into_inner) = if got.is_empty() {
+                Idle {
+                    queues: req.queues.clone(),
+                    at: Some(now),
+                    due,
+                    seen,
+                }
+            } else {
+                Idle::default()
+            };
+            if !got.is_empty() || now >= deadline || watches.is_empty() {
+                return Ok(got);
+            }
         }
-        let mut nap = (deadline - now).min(client.opts.poll_interval);
-        if let Some(ms) = next_due {
-            // Due rows another consumer holds locked (ms <= 0) are looked
-            // at again shortly, not in a spin.
-            let ms = u64::try_from(ms.max(5)).unwrap_or(5) + 1;
-            nap = nap.min(Duration::from_millis(ms));
+        let (at, due) = {
+            let last = idle.lock().unwrap_or_else(PoisonError::into_inner);
+            (last.at, last.due)
+        };
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(Vec::new());
+        }
+        let mut until = deadline.min(at.map_or(now, |a| a + poll).max(now));
+        if let Some(d) = due {
+            until = until.min(d);
         }
         let changed =
             futures::future::select_all(watches.iter_mut().map(|w| Box::pin(w.changed())));
-        tokio::select! {
-            _ = changed => {}
-            () = tokio::time::sleep(nap) => {}
+        look = tokio::select! {
+            _ = changed => false,
+            () = tokio::time::sleep_until(until) => true,
+        };
+        claim_next = tokio::time::Instant::now() < deadline || !look;
+        if !claim_next {
+            return Ok(Vec::new());
         }
     }
+}
+
+/// One look over several queues: whether any has a ready row, and the
+/// milliseconds to their earliest due row.
+async fn peek(client: &Client, queues: &[String]) -> Result<(bool, Option<i64>), BrokerError> {
+    sqlx::query_as(AssertSqlSafe(client.sql.peek.clone()))
+        .bind(queues)
+        .fetch_one(&client.pool)
+        .await
+        .map_err(|e| client.broker_err("look for work", e))
 }
 
 /// One claim over the request's queues: each up to its share first (the

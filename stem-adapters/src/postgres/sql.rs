@@ -11,6 +11,7 @@ pub(crate) struct Sql {
     pub(crate) publish: Arc<str>,
     pub(crate) publish_unique: Arc<str>,
     pub(crate) claim: Arc<str>,
+    pub(crate) peek: Arc<str>,
     pub(crate) extend: Arc<str>,
     pub(crate) settle: Arc<str>,
     pub(crate) settle_records: Arc<str>,
@@ -127,6 +128,15 @@ SELECT l.id, l.priority, l.token, l.deliveries, l.attempt, l.last_error, l.envel
        (SELECT floor(extract(epoch FROM (min(due) - now())) * 1000)::int8
           FROM {S}.jobs WHERE queue = $1 AND state > 0)
 FROM (SELECT 1) one LEFT JOIN leased l ON true";
+
+/// Whether any of the queues `$1` has a ready row or a due one, and the
+/// milliseconds to their earliest due row: one look before a claim per
+/// queue, for an idle consumer woken by its clock.
+const PEEK: &str = "
+SELECT EXISTS (SELECT 1 FROM unnest($1::text[]) q(name)
+               WHERE EXISTS (SELECT 1 FROM {S}.jobs WHERE queue = q.name AND state = 0)),
+       (SELECT floor(extract(epoch FROM (min(due) - now())) * 1000)::int8
+          FROM {S}.jobs WHERE queue = ANY($1) AND state > 0)";
 
 /// Pushes live leases to now + `$3` ms; fenced by the token alone.
 const EXTEND: &str = "
@@ -313,6 +323,7 @@ impl Sql {
             publish: f(PUBLISH),
             publish_unique: f(PUBLISH_UNIQUE),
             claim: f(CLAIM),
+            peek: f(PEEK),
             extend: f(EXTEND),
             settle: f(&format!("{SETTLE_HEAD}{SETTLE_BODY}{SETTLE_TAIL}")),
             settle_records: f(&format!(
