@@ -92,8 +92,10 @@ FROM taken t";
 /// order, by the ready index) and, in the same statement, up to `$3` rows
 /// whose delay or lease ran out: those that earn a place are leased here
 /// (a new token fences the old receipt), the others become ready. Returns
-/// the leased rows (or one row of NULLs) with the milliseconds until the
-/// queue's next due time, so an idle consumer knows how long to sleep.
+/// the leased rows, or one row of NULLs with the milliseconds until the
+/// queue's next due time, so an idle consumer knows how long to sleep (only
+/// then: the look steps over the due index's dead entries, which a busy
+/// queue has many of between vacuums).
 /// $4 lease (ms).
 const CLAIM: &str = "
 WITH ready AS (
@@ -125,8 +127,10 @@ WITH ready AS (
 )
 SELECT l.id, l.priority, l.token, l.deliveries, l.attempt, l.last_error, l.envelope,
        (SELECT count(*) FROM promoted)::int8,
-       (SELECT floor(extract(epoch FROM (min(due) - now())) * 1000)::int8
-          FROM {S}.jobs WHERE queue = $1 AND state > 0)
+       CASE WHEN l.id IS NULL THEN
+         (SELECT floor(extract(epoch FROM (min(due) - now())) * 1000)::int8
+            FROM {S}.jobs WHERE queue = $1 AND state > 0)
+       END
 FROM (SELECT 1) one LEFT JOIN leased l ON true";
 
 /// Whether any of the queues `$1` has a ready row or a due one, and the
