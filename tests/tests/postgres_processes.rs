@@ -62,9 +62,40 @@ async fn admin_pool() -> sqlx::PgPool {
 }
 
 /// Ends every server connection whose `application_name` is one of
-/// `names`; how many it ended.
-async fn terminate(admin: &sqlx::PgPool, names: &[&str]) -> usize {
+/// `names`; how many it ended, and whether the connection named `busy`
+/// was then mid-statement. To make sure a kill lands mid-publish (not on
+/// an idle connection the pool would just replace), it first locks
+/// `schema`'s jobs table against writes, waits (up to 5 s) until `busy`
+/// waits on that lock, kills, then lets go.
+async fn terminate(
+    admin: &sqlx::PgPool,
+    names: &[&str],
+    busy: &str,
+    schema: &str,
+) -> (usize, bool) {
     let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let mut tx = admin.begin().await.expect("begin");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE \"{schema}\".jobs IN SHARE ROW EXCLUSIVE MODE"
+    )))
+    .execute(&mut *tx)
+    .await
+    .expect("lock the jobs table");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let blocked = loop {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = $1 AND wait_event_type = 'Lock'",
+        )
+        .bind(busy)
+        .fetch_one(admin)
+        .await
+        .expect("pg_stat_activity");
+        if n > 0 || Instant::now() > deadline {
+            break n > 0;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
     let ended: Vec<bool> = sqlx::query_scalar(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
          WHERE application_name = ANY($1) AND pid <> pg_backend_pid()",
@@ -73,7 +104,8 @@ async fn terminate(admin: &sqlx::PgPool, names: &[&str]) -> usize {
     .fetch_all(admin)
     .await
     .expect("pg_terminate_backend");
-    ended.into_iter().filter(|e| *e).count()
+    tx.rollback().await.expect("unlock");
+    (ended.into_iter().filter(|e| *e).count(), blocked)
 }
 
 /// How many tasks the publisher publishes in the connection-loss test.
@@ -123,6 +155,7 @@ async fn postgres_connections_ended_three_times_lose_no_ok_task() {
     let answered = |p: &Path| ledger::read(p).len() as u64;
     let mut windows: Vec<(usize, usize)> = Vec::new();
     let mut ended = Vec::new();
+    let mut mid_statement = 0;
     let mut last_kill = Instant::now();
     for quarter in 1..=3u64 {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -138,12 +171,24 @@ async fn postgres_connections_ended_three_times_lose_no_ok_task() {
         }
         let before = ledger::read(&ledger_path).len();
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let n = terminate(&admin, &[&worker_app, &publisher_app]).await;
+        let n = terminate(
+            &admin,
+            &[&worker_app, &publisher_app],
+            &publisher_app,
+            &schema_name(&ns),
+        )
+        .await;
         last_kill = Instant::now();
         let after = ledger::read(&ledger_path).len();
         windows.push((before, after));
-        ended.push(n);
+        ended.push(n.0);
+        mid_statement += usize::from(n.1);
     }
+
+    assert_eq!(
+        mid_statement, 3,
+        "every kill should land on a publish in flight (ended {ended:?})"
+    );
 
     // The publisher finishes by itself.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -174,22 +219,16 @@ async fn postgres_connections_ended_three_times_lose_no_ok_task() {
     let stem = stem::connect_with(&url_with(&format!("namespace={ns}")), None, "stem")
         .await
         .expect("connect");
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let done = ledger::counts(&ledger::read(&ledger_path), "done");
-        let missing: Vec<&String> = ok.iter().filter(|k| !done.contains_key(*k)).collect();
         let st = stem.stats("e2e_slow").await.expect("stats");
         let quiet = last_kill.elapsed() > LEASE + Duration::from_secs(1);
-        if missing.is_empty() && (st.ready, st.delayed, st.leased) == (0, 0, 0) && quiet {
+        if (st.ready, st.delayed, st.leased) == (0, 0, 0) && quiet {
             break;
         }
         if Instant::now() > deadline {
             worker.assert_running("the worker");
-            panic!(
-                "{} Ok-published tasks never ran (a false Ok, or a worker that did not resume), e.g. {:?}; queue {st:?}",
-                missing.len(),
-                &missing[..missing.len().min(10)]
-            );
+            panic!("the worker did not empty the queue in 60 s: {st:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -198,6 +237,13 @@ async fn postgres_connections_ended_three_times_lose_no_ok_task() {
 
     let entries = ledger::read(&ledger_path);
     let done = ledger::counts(&entries, "done");
+    let missing: Vec<&String> = ok.iter().filter(|k| !done.contains_key(*k)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} Ok-published tasks never ran (a false Ok), e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
     let unknown: Vec<&String> = done
         .keys()
         .filter(|k| !ok.contains(*k) && !err.contains(*k))
@@ -229,7 +275,8 @@ async fn postgres_connections_ended_three_times_lose_no_ok_task() {
     let err_ran = err.iter().filter(|k| done.contains_key(*k)).count();
     say(&format!(
         "{test}: {PUBLISH} publishes: {} ok, {} err ({err_ran} of them ran anyway); \
-         connections ended {ended:?}; {} tasks ran, {} ran twice (all in flight at a kill)",
+         connections ended {ended:?} \
+         ({mid_statement} of 3 times with a publish in flight); {} tasks ran, {} ran twice (all in flight at a kill)",
         ok.len(),
         err.len(),
         done.len(),
