@@ -234,6 +234,26 @@ async fn postgres_connections_ended_three_times_lose_no_ok_task() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     worker.assert_running("the worker, after the run");
+    // Its LISTEN connection is back too (not left to the fallback poll).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let listening: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = $1 AND query LIKE 'LISTEN %'",
+        )
+        .bind(&worker_app)
+        .fetch_one(&admin)
+        .await
+        .expect("pg_stat_activity");
+        if listening > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker has no LISTEN connection after the kills"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let entries = ledger::read(&ledger_path);
     let done = ledger::counts(&entries, "done");
