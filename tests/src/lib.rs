@@ -3,6 +3,7 @@
 
 pub mod e2e_tasks;
 pub mod ledger;
+pub mod postgres;
 pub mod process;
 
 use std::future::Future;
