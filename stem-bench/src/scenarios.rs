@@ -699,10 +699,16 @@ async fn wait_until_drained(
             )
             .into());
         }
-        // Estimate the time left from the progress so far.
+        // In process, the count is an atomic read: look every tick, so the
+        // end is seen within 10 ms (a nap from a rate estimate overshot
+        // the end of a short run that sped up by up to half a second).
+        // Worker processes are counted through queue stats: estimate the
+        // time left from the progress so far.
         let done = n.saturating_sub(left) as f64;
         let secs = t0.elapsed().as_secs_f64();
-        let nap = if done > 0.0 && secs > 0.0 {
+        let nap = if recorder.is_some() {
+            TICK
+        } else if done > 0.0 && secs > 0.0 {
             let eta = left as f64 / (done / secs);
             Duration::from_secs_f64((eta / 2.0).min(1.0)).max(TICK)
         } else {
