@@ -19,6 +19,14 @@ use super::{PostgresOptions, default_pool_size, parse_url};
 pub(crate) struct Client {
     /// The pool every statement runs on (the user's, with `from_pool`).
     pub(crate) pool: PgPool,
+    /// Connections of the claim alone (at most 2, opened on first use),
+    /// with sequential scans, bitmap scans and sorts priced out (and JIT
+    /// off): the claim
+    /// must walk its indexes in order whatever the statistics say. Right
+    /// after a bulk load, before any `ANALYZE`, the planner otherwise sorts
+    /// the whole backlog for each claim (measured: 58 ms instead of 1 ms
+    /// for 64 rows of 100,000).
+    pub(crate) claim_pool: PgPool,
     /// The schema's name, unquoted.
     pub(crate) schema: String,
     /// Every statement, written for this schema.
@@ -130,10 +138,24 @@ impl Client {
                 )),
                 MigrateError::Refused(why) => bad_value("schema", &schema, &why),
             })?;
+        let claim_pool = PgPoolOptions::new()
+            .max_connections(2)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(10))
+            .test_before_acquire(true)
+            .connect_lazy_with((*pool.connect_options()).clone().options([
+                ("enable_seqscan", "off"),
+                ("enable_bitmapscan", "off"),
+                ("enable_sort", "off"),
+                // The penalties make the plan's cost look huge, which would
+                // start the JIT compiler (200 ms) on every claim.
+                ("jit", "off"),
+            ]));
         let sql = Sql::new(&schema::quote(&schema));
         let hub = Hub::new(pool.clone(), schema.clone(), describe.clone());
         Ok(Arc::new(Self {
             pool,
+            claim_pool,
             schema,
             sql,
             describe,

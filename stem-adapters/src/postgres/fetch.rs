@@ -162,7 +162,7 @@ pub(crate) async fn fetch(
 async fn peek(client: &Client, queues: &[String]) -> Result<(bool, Option<i64>), BrokerError> {
     sqlx::query_as(AssertSqlSafe(client.sql.peek.clone()))
         .bind(queues)
-        .fetch_one(&client.pool)
+        .fetch_one(&client.claim_pool)
         .await
         .map_err(|e| client.broker_err("look for work", e))
 }
@@ -180,7 +180,7 @@ async fn claim(
     let quota = (req.max / n).max(1);
     let lease = ms_of(req.lease);
     let mut conn = client
-        .pool
+        .claim_pool
         .acquire()
         .await
         .map_err(|e| client.broker_err("claim", e))?;
