@@ -127,7 +127,12 @@ async fn insert_plain(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
+    let mut wake: Vec<String> = Vec::new();
     for (_, r) in rows {
+        let note = format!("{} {}", if r.delay_ms > 0 { 't' } else { 'j' }, r.queue);
+        if !wake.contains(&note) {
+            wake.push(note);
+        }
         q.push(r.queue.as_str());
         p.push(r.priority);
         i.push(*r.id.as_uuid());
@@ -145,6 +150,7 @@ async fn insert_plain(
         .bind(a)
         .bind(le)
         .bind(&client.schema)
+        .bind(wake)
         .execute(conn)
         .await
         .map_err(|e| client.broker_err("publish", e))?;

@@ -34,22 +34,20 @@ pub(crate) struct Sql {
 }
 
 /// Rows without a unique key: one multi-row insert over arrays, and one
-/// notification per queue (`j` when ready now, `t` when delayed: a new due
-/// time a sleeping consumer may want to wake for).
+/// notification per queue (`j <queue>` when ready now, `t <queue>` when
+/// delayed: a new due time a sleeping consumer may want to wake for),
+/// computed by the client ($9): the insert returns nothing, and the
+/// notifications go only if it succeeds (one statement).
 /// $1 queues, $2 priorities, $3 task ids, $4 envelopes, $5 delays (ms),
-/// $6 attempts, $7 last errors, $8 channel.
+/// $6 attempts, $7 last errors, $8 channel, $9 notification payloads.
 const PUBLISH: &str = "
 WITH ins AS (
   INSERT INTO {S}.jobs (queue, priority, state, due, task_id, envelope, attempt, last_error)
   SELECT q, p, CASE WHEN d > 0 THEN 1 ELSE 0 END, now() + d * interval '1 millisecond', i, e, a, le
   FROM UNNEST($1::text[], $2::int2[], $3::uuid[], $4::bytea[], $5::int8[], $6::int4[], $7::text[])
     AS u(q, p, i, e, d, a, le)
-  RETURNING queue, state
-), wake AS (
-  SELECT pg_notify($8, CASE WHEN state = 0 THEN 'j ' ELSE 't ' END || queue)
-  FROM (SELECT DISTINCT queue, state FROM ins) w
 )
-SELECT (SELECT count(*) FROM ins)::int8, (SELECT count(*) FROM wake)::int8";
+SELECT count(pg_notify($8, n))::int8 FROM unnest($9::text[]) n";
 
 /// Rows with a unique key: each key is taken with `ON CONFLICT`, which
 /// waits for a concurrent taker and then sees its committed row, so every
