@@ -63,6 +63,19 @@ impl Client {
             .application_name(opts.application_name.as_deref().unwrap_or("stem"))
             .log_statements(tracing::log::LevelFilter::Trace)
             .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(5));
+        // One plain connection first: the pool would retry a refused
+        // connection until its acquire timeout and then say only "timed
+        // out"; this says why, at once.
+        let probe = <sqlx::PgConnection as sqlx::Connection>::connect_with(&connect)
+            .await
+            .map_err(|e| {
+                StemError::from(BrokerError::Unavailable {
+                    adapter: describe.clone(),
+                    reason: format!("cannot connect: {}", error_text(&e)),
+                    source: Some(Cause::new(e)),
+                })
+            })?;
+        let _ = sqlx::Connection::close(probe).await;
         let size = opts
             .max_connections
             .unwrap_or_else(|| default_pool_size(worker_concurrency()));
