@@ -30,6 +30,7 @@ pub(crate) struct Sql {
     pub(crate) sweep: Arc<str>,
     pub(crate) dead_tuples: Arc<str>,
     pub(crate) vacuum: Arc<str>,
+    pub(crate) may_vacuum: Arc<str>,
     pub(crate) insert_raw: Arc<str>,
 }
 
@@ -312,6 +313,13 @@ WHERE relid = '{S}.jobs'::regclass";
 
 const VACUUM: &str = "VACUUM (INDEX_CLEANUP ON) {S}.jobs";
 
+/// Whether this role may vacuum the jobs table: its owner (or a member of
+/// the owning role), or a superuser.
+const MAY_VACUUM: &str = "
+SELECT pg_has_role(current_user, c.relowner, 'MEMBER')
+       OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+FROM pg_class c WHERE c.oid = '{S}.jobs'::regclass";
+
 /// Bytes straight into a queue (tests of garbage handling, B16).
 const INSERT_RAW: &str = "
 INSERT INTO {S}.jobs (queue, priority, state, due, task_id, envelope)
@@ -355,6 +363,7 @@ impl Sql {
             sweep: f(SWEEP),
             dead_tuples: f(DEAD_TUPLES),
             vacuum: f(VACUUM),
+            may_vacuum: f(MAY_VACUUM),
             insert_raw: f(INSERT_RAW),
         }
     }
