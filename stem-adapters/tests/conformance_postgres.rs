@@ -201,3 +201,36 @@ fn a_pool_too_small_for_the_slots_is_reported() {
         broker.drop_schema().await.expect("schema dropped");
     });
 }
+
+/// Many clients creating one namespace's schema at once: the migration's
+/// advisory lock makes them wait for one another, so none fails and the
+/// schema is made once.
+#[test]
+fn concurrent_first_connects_migrate_once() {
+    if stem_core::kit::server_missing(&PostgresFactory, "concurrent_migrations") {
+        return;
+    }
+    stem_core::kit::run(async {
+        let opts = KitOptions::new("postgres", "migrate");
+        let connects = (0..8).map(|_| PostgresFactory::open(PostgresFactory::options(&opts)));
+        let brokers = futures::future::join_all(connects).await;
+        let schema = schema_name(&opts.namespace);
+        let mut c = admin().await;
+        let version: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT value FROM \"{schema}\".meta WHERE key = 'version'"
+        )))
+        .fetch_all(&mut c)
+        .await
+        .expect("meta read");
+        assert_eq!(version, ["1"], "one version row");
+        let jobs: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename = 'jobs'",
+        )
+        .bind(&schema)
+        .fetch_one(&mut c)
+        .await
+        .expect("tables counted");
+        assert_eq!(jobs, 1);
+        brokers[0].drop_schema().await.expect("schema dropped");
+    });
+}
