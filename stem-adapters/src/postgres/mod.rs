@@ -43,6 +43,14 @@
 //! (1 s): one query per interval per worker, whatever its concurrency.
 //! Result waiters and broadcast subscribers share the same connection.
 //!
+//! # Connections
+//! A client holds its pool (sized for the worker's concurrency, see
+//! [`default_pool_size`]), the listening connection, and up to two
+//! connections for the claim, opened with sequential scans, bitmap scans
+//! and sorts priced out (and JIT off) so the claim walks its indexes in
+//! order even on a table no `ANALYZE` has seen yet. An unreachable server
+//! is reported at `connect` with its cause.
+//!
 //! # Transactions
 //! [`Broker::publish_in`](stem_core::Broker::publish_in) (and the typed
 //! `my_task::with().enqueue_in(&mut *tx, ..)`) takes a
