@@ -44,3 +44,15 @@ pub async fn ledger_spin(key: String) {
         std::hint::spin_loop();
     }
 }
+
+/// For the fault-injection suite: records `start` (with this delivery's
+/// attempt and delivery count, and the time), sleeps, records `done`, and
+/// returns its key. The lines carry more than [`crate::ledger::append`]'s
+/// (see [`crate::ledger::append_run`]).
+#[stem::task(queue = "faults", retries = 5)]
+pub async fn ledger_fault(ctx: stem::Context, key: String, millis: u64) -> String {
+    crate::ledger::append_run("start", &key, ctx.attempt(), ctx.deliveries());
+    tokio::time::sleep(Duration::from_millis(millis)).await;
+    crate::ledger::append_run("done", &key, ctx.attempt(), ctx.deliveries());
+    key
+}

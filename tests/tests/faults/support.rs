@@ -1,0 +1,160 @@
+//! What the fault scenarios share: worker processes, the Redis server
+//! check and cleanup, a seeded random source, and printing past libtest's
+//! capture.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use stem::adapters::redis::{RedisBroker, RedisOptions};
+use stem_tests::ledger::LEDGER_VAR;
+use stem_tests::process::Proc;
+
+/// The queue of [`stem_tests::e2e_tasks::ledger_fault`].
+pub(crate) const QUEUE: &str = "faults";
+
+/// Prints a line the reader sees even when libtest captures output.
+pub(crate) fn say(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Where the workers of one scenario connect.
+pub(crate) struct Target {
+    /// The broker URL (the result backend is the same adapter).
+    pub url: String,
+    /// The namespace, for the client and `STEM_NAMESPACE`.
+    pub namespace: String,
+}
+
+/// Starts an `e2e-worker` on `target`'s fault queue, recording runs in
+/// `ledger`, with `lease` and `concurrency`; killed (SIGKILL) when dropped.
+pub(crate) fn spawn_worker(
+    target: &Target,
+    ledger: &Path,
+    lease: &str,
+    concurrency: usize,
+) -> Proc {
+    let id = format!("faults-{}", stem::TaskId::new().as_uuid().simple());
+    let child = Command::new(env!("CARGO_BIN_EXE_e2e-worker"))
+        .env("STEM_BROKER_URL", &target.url)
+        .env_remove("STEM_RESULT_BACKEND_URL")
+        .env("STEM_NAMESPACE", &target.namespace)
+        .env(LEDGER_VAR, ledger)
+        .env("STEM_LEASE", lease)
+        .env("STEM_WORKER_ID", id)
+        .env("STEM_QUEUES", QUEUE)
+        .env("STEM_CONCURRENCY", concurrency.to_string())
+        .env("STEM_POLL_INTERVAL", "50ms")
+        .env("STEM_SHUTDOWN_GRACE", "5s")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("worker starts");
+    Proc(child)
+}
+
+/// A small seeded generator (xorshift64*): no dependency, and the seed is
+/// printed so a failing run can be read against its schedule.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    /// Seeded from a fresh random task id.
+    pub(crate) fn new() -> Self {
+        let bytes = stem::TaskId::new().as_uuid().as_u128();
+        #[allow(clippy::cast_possible_truncation)]
+        let seed = (bytes ^ (bytes >> 64)) as u64 | 1;
+        Self(seed)
+    }
+
+    /// The seed (print it).
+    pub(crate) fn seed(&self) -> u64 {
+        self.0
+    }
+
+    /// A number in `lo..=hi`.
+    pub(crate) fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        lo + x.wrapping_mul(0x2545_F491_4F6C_DD1D) % (hi - lo + 1)
+    }
+}
+
+/// The Redis named by `STEM_TEST_REDIS_URL` (default
+/// `redis://127.0.0.1:6379`).
+pub(crate) fn redis_url() -> String {
+    std::env::var("STEM_TEST_REDIS_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| String::from("redis://127.0.0.1:6379"))
+}
+
+/// Whether the Redis accepts TCP connections. When it does not, prints one
+/// SKIP line naming `test` and returns false, or fails under
+/// `STEM_REQUIRE_SERVICES=1`.
+pub(crate) fn redis_up(test: &str) -> bool {
+    let hp = redis_url()
+        .split_once("://")
+        .map(|(_, r)| {
+            let authority = r.split(['/', '?']).next().unwrap_or("");
+            let h = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            if h.contains(':') {
+                h.to_owned()
+            } else {
+                format!("{h}:6379")
+            }
+        })
+        .unwrap_or_default();
+    let up = std::net::ToSocketAddrs::to_socket_addrs(&hp)
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|a| {
+            std::net::TcpStream::connect_timeout(&a, Duration::from_millis(500)).is_ok()
+        });
+    if up {
+        return true;
+    }
+    let msg = format!("SKIP {test}: no Redis at {hp} (start one, or set STEM_TEST_REDIS_URL)");
+    assert!(
+        std::env::var("STEM_REQUIRE_SERVICES").as_deref() != Ok("1"),
+        "{msg}, and STEM_REQUIRE_SERVICES=1 requires it"
+    );
+    say(&msg);
+    false
+}
+
+/// Deletes a Redis namespace's keys when dropped, so a failing test leaves
+/// nothing behind either (on a thread of its own: a drop cannot await).
+/// Declare it before the worker processes, so they are killed first.
+pub(crate) struct DeleteRedisNamespace {
+    /// The namespace whose keys go.
+    pub namespace: String,
+}
+
+impl Drop for DeleteRedisNamespace {
+    fn drop(&mut self) {
+        let ns = self.namespace.clone();
+        let deleted = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let b = RedisBroker::connect(&redis_url(), RedisOptions::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                b.delete_namespace(&ns).await.map_err(|e| e.to_string())
+            })
+        })
+        .join();
+        if let Ok(Err(e)) = deleted {
+            say(&format!(
+                "could not delete the Redis namespace {}: {e}",
+                self.namespace
+            ));
+        }
+    }
+}
