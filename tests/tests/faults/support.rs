@@ -35,6 +35,19 @@ pub(crate) fn spawn_worker(
     lease: &str,
     concurrency: usize,
 ) -> Proc {
+    spawn_worker_with(target, ledger, lease, concurrency, &[], Stdio::null())
+}
+
+/// [`spawn_worker`] with more `STEM_*` variables (`extra`, set last) and
+/// the worker's stdout (its `report ...` line) sent to `stdout`.
+pub(crate) fn spawn_worker_with(
+    target: &Target,
+    ledger: &Path,
+    lease: &str,
+    concurrency: usize,
+    extra: &[(&str, &str)],
+    stdout: Stdio,
+) -> Proc {
     let id = format!("faults-{}", stem::TaskId::new().as_uuid().simple());
     let child = Command::new(env!("CARGO_BIN_EXE_e2e-worker"))
         .env("STEM_BROKER_URL", &target.url)
@@ -47,8 +60,9 @@ pub(crate) fn spawn_worker(
         .env("STEM_CONCURRENCY", concurrency.to_string())
         .env("STEM_POLL_INTERVAL", "50ms")
         .env("STEM_SHUTDOWN_GRACE", "5s")
+        .envs(extra.iter().copied())
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .spawn()
         .expect("worker starts");
     Proc(child)
