@@ -9,4 +9,5 @@
 
 mod poison;
 mod sigkill;
+mod stop;
 mod support;
