@@ -188,6 +188,9 @@ pub(crate) struct Runtime {
     pub(crate) stop: CancellationToken,
     /// Grace over: drop running tasks and requeue them.
     pub(crate) abort: CancellationToken,
+    /// Stop now: end the grace at once (a second SIGINT or SIGTERM, or
+    /// [`WorkerHandle::force_stop`]).
+    pub(crate) force: CancellationToken,
     pub(crate) completions: mpsc::UnboundedSender<completer::Completion>,
     pub(crate) tracker: TaskTracker,
     pub(crate) counters: Arc<Counters>,
@@ -415,6 +418,7 @@ impl Worker {
             ctx_shared,
             dispatch: dispatch::Dispatch::new(concurrency, prefetch),
             stop: CancellationToken::new(),
+            force: CancellationToken::new(),
             fatal: Arc::new(std::sync::OnceLock::new()),
             abort,
             completions: tx,
@@ -428,17 +432,27 @@ impl Worker {
             rt.tracker.spawn(executor::slot(Arc::clone(&rt)));
         }
         let stop = rt.stop.clone();
+        let force = rt.force.clone();
         let fatal = Arc::clone(&rt.fatal);
         let join = tokio::spawn(supervisor::supervise(rt, rx));
-        WorkerHandle { stop, join, fatal }
+        WorkerHandle {
+            stop,
+            force,
+            join,
+            fatal,
+        }
     }
 
     /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
     ///
     /// # Errors
     /// Only if the signal handlers cannot be installed.
+    ///
+    /// A second SIGINT or SIGTERM during the grace stops the running tasks
+    /// at once and hands them back ([`WorkerHandle::force_stop`]).
     pub async fn run(self) -> Result<WorkerReport, WorkerError> {
-        self.run_until(shutdown::signal()).await
+        self.run_signalled(shutdown::signal(), shutdown::signal)
+            .await
     }
 
     /// Runs until `signal` resolves, then shuts down gracefully.
@@ -449,16 +463,38 @@ impl Worker {
     where
         F: std::future::Future<Output = ()> + Send,
     {
+        self.run_signalled(signal, std::future::pending::<()>).await
+    }
+
+    /// Runs until `signal`, then shuts down gracefully; the future `again`
+    /// makes, if it resolves during the grace, stops at once.
+    async fn run_signalled<F, G, M>(self, signal: F, again: M) -> Result<WorkerReport, WorkerError>
+    where
+        F: std::future::Future<Output = ()> + Send,
+        G: std::future::Future<Output = ()> + Send + 'static,
+        M: FnOnce() -> G,
+    {
         let handle = self.start();
+        let mut forcing = None;
         tokio::select! {
             () = signal => {
-                tracing::info!("shutdown requested: no new tasks; waiting for running ones");
+                tracing::info!("shutdown requested: no new tasks; waiting for running ones (signal again to stop them now)");
                 handle.shutdown();
+                let force = handle.force.clone();
+                let again = again();
+                forcing = Some(tokio::spawn(async move {
+                    again.await;
+                    tracing::warn!("second shutdown signal: stopping running tasks now and handing them back");
+                    force.cancel();
+                }));
             }
             () = handle.stopping() => {}
         }
         let fatal = handle.stopped_by_itself().map(str::to_owned);
         let report = handle.join().await;
+        if let Some(f) = forcing {
+            f.abort();
+        }
         match fatal {
             Some(reason) => Err(WorkerError::Stopped(reason)),
             None => Ok(report),
@@ -470,6 +506,7 @@ impl Worker {
 #[derive(Debug)]
 pub struct WorkerHandle {
     stop: CancellationToken,
+    force: CancellationToken,
     join: tokio::task::JoinHandle<WorkerReport>,
     fatal: Arc<std::sync::OnceLock<String>>,
 }
@@ -479,6 +516,16 @@ impl WorkerHandle {
     /// period; what is left is requeued.
     pub fn shutdown(&self) {
         self.stop.cancel();
+    }
+
+    /// Stops at once: like [`WorkerHandle::shutdown`], but running tasks
+    /// are stopped now instead of at the end of the grace period (their
+    /// futures are dropped, blocking ones see `ctx.is_cancelled()`), and
+    /// handed back without an attempt charged. What a second SIGINT or
+    /// SIGTERM does to [`Worker::run`].
+    pub fn force_stop(&self) {
+        self.stop.cancel();
+        self.force.cancel();
     }
 
     /// Resolves when the worker is stopping: asked to, or by itself.

@@ -53,12 +53,14 @@ pub(crate) async fn supervise(
     fetcher::hand_back_queued(&rt);
     rt.tracker.close();
     let grace = rt.config.shutdown_grace;
-    if tokio::time::timeout(grace, rt.tracker.wait())
-        .await
-        .is_err()
-    {
+    let finished = tokio::select! {
+        r = tokio::time::timeout(grace, rt.tracker.wait()) => r.is_ok(),
+        () = rt.force.cancelled() => false,
+    };
+    if !finished {
         tracing::warn!(
             grace = ?grace,
+            forced = rt.force.is_cancelled(),
             running = rt.tracker.len(),
             "shutdown grace over: stopping running tasks and requeueing them"
         );

@@ -40,9 +40,8 @@ enum Stop {
 }
 
 macro_rules! adapter_tests {
-    ($sqlite:ident, $postgres:ident, $redis:ident, $stop:expr $(, $ignore:meta)?) => {
+    ($sqlite:ident, $postgres:ident, $redis:ident, $stop:expr) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        $(#[$ignore])?
         async fn $sqlite() {
             let dir = temp_dir("sqlite");
             let target = Target {
@@ -53,7 +52,6 @@ macro_rules! adapter_tests {
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        $(#[$ignore])?
         async fn $postgres() {
             if !postgres::server_up(stringify!($postgres)) {
                 return;
@@ -71,7 +69,6 @@ macro_rules! adapter_tests {
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        $(#[$ignore])?
         async fn $redis() {
             if !crate::support::redis_up(stringify!($redis)) {
                 return;
@@ -100,8 +97,7 @@ adapter_tests!(
     sqlite_second_signal,
     postgres_second_signal,
     redis_second_signal,
-    Stop::SecondSignal,
-    ignore = "bug: a second SIGTERM does not cut the grace short; the worker waits the whole grace (stem-core/src/worker/shutdown.rs listens once)"
+    Stop::SecondSignal
 );
 
 fn temp_dir(adapter: &str) -> tempfile::TempDir {
