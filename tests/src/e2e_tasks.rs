@@ -56,3 +56,82 @@ pub async fn ledger_fault(ctx: stem::Context, key: String, millis: u64) -> Strin
     crate::ledger::append_run("done", &key, ctx.attempt(), ctx.deliveries());
     key
 }
+
+/// For the fault suite's handler failures: records `start`, then panics.
+#[stem::task(
+    queue = "faults",
+    retries = 2,
+    backoff = "fixed",
+    backoff_base = "100ms"
+)]
+pub async fn handler_panic(ctx: stem::Context, key: String) {
+    crate::ledger::append_run("start", &key, ctx.attempt(), ctx.deliveries());
+    panic!("handler_panic {key} panics on purpose");
+}
+
+/// For the fault suite's handler failures: records `start`, then returns
+/// an error.
+#[stem::task(
+    queue = "faults",
+    retries = 2,
+    backoff = "fixed",
+    backoff_base = "100ms"
+)]
+pub async fn handler_error(ctx: stem::Context, key: String) -> Result<(), String> {
+    crate::ledger::append_run("start", &key, ctx.attempt(), ctx.deliveries());
+    Err(format!("handler_error {key} fails on purpose"))
+}
+
+/// For the fault suite's handler failures: records `start`, sleeps 5 s
+/// past its 300 ms time limit, records `done` (which must never show).
+#[stem::task(
+    queue = "faults",
+    retries = 2,
+    backoff = "fixed",
+    backoff_base = "100ms",
+    timeout = "300ms"
+)]
+pub async fn handler_overrun(ctx: stem::Context, key: String) {
+    crate::ledger::append_run("start", &key, ctx.attempt(), ctx.deliveries());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    crate::ledger::append_run("done", &key, ctx.attempt(), ctx.deliveries());
+}
+
+/// For the fault suite's handler failures: records `start`, then awaits
+/// forever (a future that never wakes) under a 300 ms time limit.
+#[stem::task(
+    queue = "faults",
+    retries = 2,
+    backoff = "fixed",
+    backoff_base = "100ms",
+    timeout = "300ms"
+)]
+pub async fn handler_hang(ctx: stem::Context, key: String) {
+    crate::ledger::append_run("start", &key, ctx.attempt(), ctx.deliveries());
+    std::future::pending::<()>().await;
+}
+
+/// For the fault suite's handler failures: a `blocking = true` task that
+/// records `start`, then spins (sleeping 5 ms a turn) until its context is
+/// cancelled by its 300 ms time limit, records `cancelled`, and returns.
+/// It gives up after 20 s and records `gaveup` (the cancel never came).
+#[stem::task(
+    queue = "faults",
+    retries = 2,
+    backoff = "fixed",
+    backoff_base = "100ms",
+    timeout = "300ms",
+    blocking = true
+)]
+pub async fn handler_spin(ctx: stem::Context, key: String) {
+    crate::ledger::append_run("start", &key, ctx.attempt(), ctx.deliveries());
+    let begun = std::time::Instant::now();
+    while !ctx.is_cancelled() {
+        if begun.elapsed() > Duration::from_secs(20) {
+            crate::ledger::append_run("gaveup", &key, ctx.attempt(), ctx.deliveries());
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    crate::ledger::append_run("cancelled", &key, ctx.attempt(), ctx.deliveries());
+}
