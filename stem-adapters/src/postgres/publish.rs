@@ -127,9 +127,11 @@ async fn insert_plain(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
-    let mut wake: Vec<String> = Vec::new();
+    // (delayed, queue) pairs: a batch holds a handful, so a scan beats a
+    // set; the payloads are formatted once per pair, not per row.
+    let mut wake: Vec<(bool, &str)> = Vec::new();
     for (_, r) in rows {
-        let note = format!("{} {}", if r.delay_ms > 0 { 't' } else { 'j' }, r.queue);
+        let note = (r.delay_ms > 0, r.queue.as_str());
         if !wake.contains(&note) {
             wake.push(note);
         }
@@ -150,7 +152,11 @@ async fn insert_plain(
         .bind(a)
         .bind(le)
         .bind(&client.schema)
-        .bind(wake)
+        .bind(
+            wake.iter()
+                .map(|(delayed, queue)| format!("{} {queue}", if *delayed { 't' } else { 'j' }))
+                .collect::<Vec<_>>(),
+        )
         .execute(conn)
         .await
         .map_err(|e| client.broker_err("publish", e))?;
