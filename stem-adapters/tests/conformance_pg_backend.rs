@@ -16,32 +16,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stem_adapters::postgres::sqlx::{self, Connection};
+use stem_adapters::postgres::sqlx;
 use stem_adapters::postgres::{PostgresBackend, PostgresOptions, schema_name};
 use stem_core::backend::{FailureKind, TaskFailure};
 use stem_core::kit::{AdapterFactory, KitOptions};
 use stem_core::memory::{InMemoryBroker, MemoryOptions};
 use stem_core::{BackendError, Broker, ResultBackend, TaskId, TaskRecord, TaskState};
 
-fn server_url() -> String {
-    std::env::var("STEM_TEST_POSTGRES_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| String::from("postgres://postgres@127.0.0.1:5432/test"))
-}
-
-/// `host:port` of the test server.
-fn host_port() -> String {
-    let url = server_url();
-    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-    let hp = rest.split(['/', '?']).next().unwrap_or("127.0.0.1:5432");
-    if hp.contains(':') {
-        hp.to_owned()
-    } else {
-        format!("{hp}:5432")
-    }
-}
+#[path = "support/postgres.rs"]
+mod pg;
+use pg::{admin, server_url};
 
 /// The `application_name` of a namespace's clients: `stem-kit:` and a
 /// hash, so `pg_stat_activity` shows exactly one case's connections.
@@ -65,12 +49,6 @@ async fn connect(opts: PostgresOptions) -> PostgresBackend {
     PostgresBackend::connect(&server_url(), opts)
         .await
         .unwrap_or_else(|e| panic!("Postgres backend connects: {e}"))
-}
-
-async fn admin() -> sqlx::PgConnection {
-    sqlx::PgConnection::connect(&server_url())
-        .await
-        .unwrap_or_else(|e| panic!("Postgres reachable: {e}"))
 }
 
 async fn drop_schema(namespace: &str) {
@@ -105,14 +83,7 @@ impl AdapterFactory for PgBackendFactory {
     }
 
     fn unavailable(&self) -> Option<String> {
-        let hp = host_port();
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(&hp)
-            .ok()
-            .and_then(|mut a| a.next());
-        let up = addr.is_some_and(|a| {
-            std::net::TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok()
-        });
-        (!up).then(|| format!("no PostgreSQL at {hp} (start one, or set STEM_TEST_POSTGRES_URL)"))
+        pg::unavailable()
     }
 
     async fn broker(&self, opts: &KitOptions) -> Arc<dyn Broker> {

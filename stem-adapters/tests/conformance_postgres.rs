@@ -11,31 +11,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::Connection;
 use stem_adapters::postgres::{PostgresBackend, PostgresBroker, PostgresOptions, schema_name};
 use stem_core::clock::Clock;
 use stem_core::kit::{AdapterFactory, KitOptions};
 use stem_core::{Broker, ResultBackend};
 
-fn server_url() -> String {
-    std::env::var("STEM_TEST_POSTGRES_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| String::from("postgres://postgres@127.0.0.1:5432/test"))
-}
-
-/// `host:port` of the test server.
-fn host_port() -> String {
-    let url = server_url();
-    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-    let hp = rest.split(['/', '?']).next().unwrap_or("127.0.0.1:5432");
-    if hp.contains(':') {
-        hp.to_owned()
-    } else {
-        format!("{hp}:5432")
-    }
-}
+#[path = "support/postgres.rs"]
+mod pg;
+use pg::{admin, server_url};
 
 /// The `application_name` of a case's clients: `stem-kit-` and a hash of
 /// its storage, so every namespace of the case shares it.
@@ -45,12 +28,6 @@ fn app_of(opts: &KitOptions) -> String {
         h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
     }
     format!("stem-kit-{h:016x}")
-}
-
-async fn admin() -> sqlx::PgConnection {
-    sqlx::PgConnection::connect(&server_url())
-        .await
-        .unwrap_or_else(|e| panic!("Postgres reachable at STEM_TEST_POSTGRES_URL: {e}"))
 }
 
 struct PostgresFactory;
@@ -81,14 +58,7 @@ impl AdapterFactory for PostgresFactory {
     }
 
     fn unavailable(&self) -> Option<String> {
-        let hp = host_port();
-        let addr = std::net::ToSocketAddrs::to_socket_addrs(&hp)
-            .ok()
-            .and_then(|mut a| a.next());
-        let up = addr.is_some_and(|a| {
-            std::net::TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok()
-        });
-        (!up).then(|| format!("no PostgreSQL at {hp} (start one, or set STEM_TEST_POSTGRES_URL)"))
+        pg::unavailable()
     }
 
     async fn broker(&self, opts: &KitOptions) -> Arc<dyn Broker> {

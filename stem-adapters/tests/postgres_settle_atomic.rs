@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use std::io::Write as _;
 
 use serde_json::value::RawValue;
-use sqlx::Connection;
 use stem_adapters::postgres::{PostgresBackend, PostgresBroker, PostgresOptions, sqlx};
+#[path = "support/postgres.rs"]
+mod pg;
+use pg::server_url;
 use stem_core::{
     Broker, Disposition, Envelope, FetchRequest, QueueAdmin, ResultBackend, Settlement, TaskRecord,
     TaskState,
@@ -25,43 +27,18 @@ fn succeeded(id: stem_core::TaskId, value: &str) -> Box<TaskRecord> {
     Box::new(rec)
 }
 
-fn server_url() -> String {
-    std::env::var("STEM_TEST_POSTGRES_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| String::from("postgres://postgres@127.0.0.1:5432/test"))
-}
-
 /// Whether the server is missing: a SKIP line, or a failure when
 /// `STEM_REQUIRE_SERVICES=1`.
 fn missing() -> bool {
-    let url = server_url();
-    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
-    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-    let hp = rest.split(['/', '?']).next().unwrap_or("127.0.0.1:5432");
-    let hp = if hp.contains(':') {
-        hp.to_owned()
-    } else {
-        format!("{hp}:5432")
-    };
-    let up = std::net::ToSocketAddrs::to_socket_addrs(&hp)
-        .ok()
-        .and_then(|mut a| a.next())
-        .is_some_and(|a| {
-            std::net::TcpStream::connect_timeout(&a, Duration::from_millis(300)).is_ok()
-        });
-    if up {
+    let Some(why) = pg::unavailable() else {
         return false;
-    }
+    };
     assert!(
         std::env::var("STEM_REQUIRE_SERVICES").as_deref() != Ok("1"),
-        "no PostgreSQL at {hp}, and STEM_REQUIRE_SERVICES=1 requires it"
+        "{why}, and STEM_REQUIRE_SERVICES=1 requires it"
     );
     // Past libtest's capture: a passing test's output is never shown.
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIP postgres_settle_atomic: no PostgreSQL at {hp} (start one, or set STEM_TEST_POSTGRES_URL)"
-    );
+    let _ = writeln!(std::io::stderr(), "SKIP postgres_settle_atomic: {why}");
     true
 }
 
@@ -115,9 +92,7 @@ async fn a_failed_result_write_rolls_back_its_ack_and_the_next_delivery_settles(
         "another schema keeps its own results"
     );
     drop(other);
-    let mut c = sqlx::PgConnection::connect(&server_url())
-        .await
-        .expect("admin");
+    let mut c = pg::admin().await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP SCHEMA \"{}\" CASCADE",
         stem_adapters::postgres::schema_name(&format!("{}x", opts.namespace))
