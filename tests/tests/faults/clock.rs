@@ -447,6 +447,7 @@ async fn run(test: &str, target: &Target, lib: &Path, judge: Judge, dir: &Path) 
         runs.iter().filter(|r| r.event == "start").count(),
         early
             .iter()
+            .take(12)
             .map(|(k, by, a)| format!("{k}@{by}:{a}"))
             .collect::<Vec<_>>(),
         far_starts.len(),
