@@ -21,9 +21,9 @@
 //! so a fast worker judges by its fast clock. The test pins that
 //! documented limit: B runs every `D*` at once (before it is due), runs `F`
 //! 10 minutes early (2 s after its enqueue, early by exactly the skew), and
-//! takes every `L*` from A while A's lease is live (each then runs twice;
-//! A's late acknowledgement is refused). Every task still ends
-//! `Succeeded`.
+//! takes every `L*` from A while A's lease is live (each then starts
+//! twice; A learns at its next renewal that the lease is lost and stops
+//! its run). Every task still ends `Succeeded`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
