@@ -7,8 +7,11 @@
 //! `STEM_TEST_REDIS_URL`; without a server a test prints one `SKIP` line
 //! and passes, except under `STEM_REQUIRE_SERVICES=1`, where it fails.
 
+mod clock;
+mod disk;
 mod handlers;
 mod poison;
 mod sigkill;
 mod stop;
 mod support;
+mod unique;
