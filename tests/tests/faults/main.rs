@@ -8,6 +8,7 @@
 //! and passes, except under `STEM_REQUIRE_SERVICES=1`, where it fails.
 
 mod handlers;
+mod outage;
 mod poison;
 mod sigkill;
 mod stop;
