@@ -10,6 +10,7 @@
 mod clock;
 mod disk;
 mod handlers;
+mod outage;
 mod poison;
 mod sigkill;
 mod stop;
