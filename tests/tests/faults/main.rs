@@ -8,10 +8,13 @@
 //! and passes, except under `STEM_REQUIRE_SERVICES=1`, where it fails.
 
 mod clock;
+mod crash;
 mod disk;
 mod handlers;
+mod long;
 mod poison;
 mod sigkill;
+mod stall;
 mod stop;
 mod support;
 mod unique;
