@@ -220,7 +220,23 @@ async fn flush(rt: &CompleterParts, batch: &mut [Completion], colocated: bool) {
         }
     }
 
+    // Fault suite (feature `failpoints`): a crash once a terminal record
+    // of a delivery is written and before the delivery is settled. Only
+    // the separate path has that moment; co-located, the point is below.
+    crash_point!(
+        "stem-after-record",
+        !colocated
+            && recorded
+                .iter()
+                .any(|&(i, terminal)| terminal && pending.iter().any(|p| p.index == i))
+    );
     let settled = settle(rt, pending).await;
+    // Co-located, the record and the settlement commit together: the
+    // point fires once both are written.
+    crash_point!(
+        "stem-after-record",
+        colocated && settled.iter().any(|&(_, terminal)| terminal)
+    );
     for (index, terminal) in settled {
         let c = &batch[index];
         count(rt, c.count);

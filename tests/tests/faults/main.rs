@@ -8,11 +8,14 @@
 //! and passes, except under `STEM_REQUIRE_SERVICES=1`, where it fails.
 
 mod clock;
+mod crash;
 mod disk;
 mod handlers;
+mod long;
 mod outage;
 mod poison;
 mod sigkill;
+mod stall;
 mod stop;
 mod support;
 mod unique;
