@@ -4,7 +4,9 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Connection};
-use stem_core::broker::{DeadLetterPage, DeadLetters, QueueAdmin, QueueStats, Replay};
+use stem_core::broker::{
+    DeadLetterPage, DeadLetters, QueueAdmin, QueueStats, QueueSummary, Replay,
+};
 use stem_core::envelope::validate_queue_name;
 use stem_core::{BrokerError, DeadLetter, Envelope, TaskId};
 use uuid::Uuid;
@@ -54,6 +56,31 @@ impl QueueAdmin for PostgresBroker {
             leased: u64_of(leased),
             dead: u64_of(dead),
         })
+    }
+
+    async fn list(&self) -> Result<Vec<QueueSummary>, BrokerError> {
+        let c = &self.client;
+        let rows: Vec<(String, i64, i64, i64, i64)> =
+            sqlx::query_as(AssertSqlSafe(c.sql.queues.clone()))
+                .fetch_all(&c.pool)
+                .await
+                .map_err(|e| c.broker_err("list queues", e))?;
+        let mut out: Vec<QueueSummary> = rows
+            .into_iter()
+            .map(|(queue, ready, delayed, leased, dead)| QueueSummary {
+                queue,
+                stats: QueueStats {
+                    ready: u64_of(ready),
+                    delayed: u64_of(delayed),
+                    leased: u64_of(leased),
+                    dead: u64_of(dead),
+                },
+            })
+            .filter(|s| !s.stats.is_empty())
+            .collect();
+        // By bytes, as every adapter sorts (the server's collation may not).
+        out.sort_unstable_by(|a, b| a.queue.cmp(&b.queue));
+        Ok(out)
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {

@@ -16,6 +16,7 @@ pub(crate) struct Sql {
     pub(crate) settle: Arc<str>,
     pub(crate) settle_records: Arc<str>,
     pub(crate) stats: Arc<str>,
+    pub(crate) queues: Arc<str>,
     pub(crate) purge: Arc<str>,
     pub(crate) dead_list: Arc<str>,
     pub(crate) dead_count: Arc<str>,
@@ -235,6 +236,22 @@ SELECT (SELECT count(*) FROM {S}.jobs WHERE queue = $1 AND state = 0)
        (SELECT count(*) FROM {S}.dead WHERE queue = $1 AND expires_at > now())
 FROM {S}.jobs WHERE queue = $1 AND state > 0";
 
+/// Counts of every queue that holds something, by name, as `STATS`
+/// counts one: grouped over the jobs and the live dead letters, joined.
+const QUEUES: &str = "
+WITH j AS (
+  SELECT queue,
+         count(*) FILTER (WHERE state = 0 OR due <= now()) AS ready,
+         count(*) FILTER (WHERE state = 1 AND due > now()) AS delayed,
+         count(*) FILTER (WHERE state = 2 AND due > now()) AS leased
+  FROM {S}.jobs GROUP BY queue
+), d AS (
+  SELECT queue, count(*) AS dead FROM {S}.dead WHERE expires_at > now() GROUP BY queue
+)
+SELECT COALESCE(j.queue, d.queue), COALESCE(j.ready, 0)::int8, COALESCE(j.delayed, 0)::int8,
+       COALESCE(j.leased, 0)::int8, COALESCE(d.dead, 0)::int8
+FROM j FULL JOIN d ON j.queue = d.queue ORDER BY 1";
+
 /// Removes a queue's ready and delayed rows (and expired leases, which
 /// count as ready), freeing their unique keys.
 const PURGE: &str = "
@@ -349,6 +366,7 @@ impl Sql {
                 )
             )),
             stats: f(STATS),
+            queues: f(QUEUES),
             purge: f(PURGE),
             dead_list: f(DEAD_LIST),
             dead_count: f(DEAD_COUNT),

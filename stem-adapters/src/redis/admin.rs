@@ -3,8 +3,11 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
 use redis::Value;
-use stem_core::broker::{DeadLetter, DeadLetterPage, DeadLetters, QueueAdmin, QueueStats, Replay};
+use stem_core::broker::{
+    DeadLetter, DeadLetterPage, DeadLetters, QueueAdmin, QueueStats, QueueSummary, Replay,
+};
 use stem_core::envelope::validate_queue_name;
 use stem_core::{BrokerError, Envelope, TaskId, UniqueRelease};
 
@@ -16,6 +19,11 @@ use super::wire;
 
 /// Envelopes removed per purge call, and dead letters replayed per page.
 const CHUNK: usize = 1000;
+
+/// Queues counted at once by `list`: their scripts share the multiplexed
+/// connection (pipelined), so a namespace of many queues costs about
+/// `queues / LIST_IN_FLIGHT` round trips, not one per queue.
+const LIST_IN_FLIGHT: usize = 32;
 
 impl RedisBroker {
     fn queue_call<'a>(
@@ -153,6 +161,24 @@ impl QueueAdmin for RedisBroker {
             leased: n[2],
             dead: n[3],
         })
+    }
+
+    async fn list(&self) -> Result<Vec<QueueSummary>, BrokerError> {
+        // The namespace's queue set (every publish registers its queue;
+        // never KEYS, never a SCAN of the key space), then each queue's
+        // counts by the same script as `stats`, many in flight at once.
+        let queues = self.all_queues().await?;
+        let mut out: Vec<QueueSummary> = futures::stream::iter(queues)
+            .map(|queue| async move {
+                let stats = self.stats(&queue).await?;
+                Ok::<_, BrokerError>(QueueSummary { queue, stats })
+            })
+            .buffer_unordered(LIST_IN_FLIGHT)
+            .try_filter(|s| std::future::ready(!s.stats.is_empty()))
+            .try_collect()
+            .await?;
+        out.sort_unstable_by(|a, b| a.queue.cmp(&b.queue));
+        Ok(out)
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {

@@ -520,6 +520,7 @@ macro_rules! conformance_tests {
             broker::b12_namespaces,
             broker::b12_separators,
             broker::b13_stats_and_purge,
+            broker::b13_list_queues,
             settle::b13_purge_is_per_queue_and_stats_see_expiry,
             broker::b14_batch,
             broker::b15_reconnect,
