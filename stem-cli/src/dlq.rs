@@ -183,7 +183,7 @@ async fn show(target: &Target, out: Out, id: &str) -> Result<(), CliError> {
             pairs.push(("task", env.name.clone()));
             pairs.push((
                 "attempt",
-                format!("{} of {} retries", env.attempt, env.max_retries),
+                format!("{} (retries allowed: {})", env.attempt, env.max_retries),
             ));
             pairs.push(("priority", env.priority.to_string()));
             pairs.push(("enqueued at", when(env.enqueued_at)));
