@@ -3,16 +3,13 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use stem::{DeadLetter, DeadLetters, Replay, TaskId};
+use stem::{DeadLetter, Replay, TaskId};
 
 use crate::args::{DlqCommand, PurgeArgs, ReplayArgs};
-use crate::connect::{Target, dead_letters, queues, task_id};
+use crate::connect::{Target, dead_letters, task_id};
 use crate::error::CliError;
 use crate::output::{Align, Out, Table, fields, progress, spinner, when};
 use crate::purge::{Purged, confirm, plural};
-
-/// Dead letters read per call while `show` looks for an id.
-const SEARCH_PAGE: usize = 500;
 
 pub(crate) async fn run(target: &Target, out: Out, cmd: &DlqCommand) -> Result<(), CliError> {
     match cmd {
@@ -129,37 +126,11 @@ fn one_line(s: &str, max: usize) -> String {
     }
 }
 
-/// Finds dead letter `id` in any queue of the namespace: the queues that
-/// hold dead letters (`QueueAdmin::list`), each read page by page.
-async fn find(
-    broker: &dyn stem::Broker,
-    dl: &dyn DeadLetters,
-    id: TaskId,
-) -> Result<Option<DeadLetter>, CliError> {
-    for q in queues(broker)?.list().await? {
-        if q.stats.dead == 0 {
-            continue;
-        }
-        let mut cursor: Option<String> = None;
-        loop {
-            let page = dl.list(&q.queue, cursor.as_deref(), SEARCH_PAGE).await?;
-            if let Some(d) = page.items.into_iter().find(|d| d.id == id) {
-                return Ok(Some(d));
-            }
-            match page.next {
-                Some(next) => cursor = Some(next),
-                None => break,
-            }
-        }
-    }
-    Ok(None)
-}
-
 async fn show(target: &Target, out: Out, id: &str) -> Result<(), CliError> {
     let id = task_id(id)?;
     let broker = target.broker().await?;
     let dl = dead_letters(&*broker)?;
-    let Some(d) = find(&*broker, dl, id).await? else {
+    let Some(d) = dl.get(id).await? else {
         return Err(CliError::Failed(format!(
             "no dead letter {id} in namespace `{}`",
             target.namespace

@@ -818,6 +818,13 @@ pub trait DeadLetters: Send + Sync {
     /// Counts a queue's dead letters.
     async fn count(&self, queue: &str) -> Result<u64, BrokerError>;
 
+    /// The live dead letter of task `id`, whatever its queue (B7, new in
+    /// issue 20): what an operator holding only a task id looks up. `None`
+    /// when the task has no dead letter in this namespace (never had one,
+    /// replayed, purged or past the retention). One indexed lookup, or a
+    /// bounded number of round trips, never a listing read page by page.
+    async fn get(&self, id: TaskId) -> Result<Option<DeadLetter>, BrokerError>;
+
     /// Moves dead letters back to their queue, taking their unique keys
     /// again; returns how many. Replaying one that is not an envelope is
     /// refused with `Invalid`; replaying all leaves those in place.

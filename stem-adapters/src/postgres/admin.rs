@@ -141,6 +141,39 @@ impl DeadLetters for PostgresBroker {
         Ok(DeadLetterPage { items, next })
     }
 
+    async fn get(&self, id: TaskId) -> Result<Option<DeadLetter>, BrokerError> {
+        let c = &self.client;
+        let row: Option<(
+            i64,
+            Uuid,
+            String,
+            Option<String>,
+            DateTime<Utc>,
+            Option<Vec<u8>>,
+            Option<String>,
+            i32,
+            Option<String>,
+            String,
+        )> = sqlx::query_as(AssertSqlSafe(c.sql.dead_get.clone()))
+            .bind(id.as_uuid())
+            .fetch_optional(&c.pool)
+            .await
+            .map_err(|e| c.broker_err("find a dead letter", e))?;
+        Ok(row.map(
+            |(_, task_id, reason, error, dead_at, bytes, raw, attempt, last_error, queue)| {
+                DeadLetter {
+                    id: TaskId::from_uuid(task_id),
+                    queue,
+                    reason,
+                    error,
+                    dead_at,
+                    envelope: envelope_of(bytes.as_deref(), attempt, last_error),
+                    raw,
+                }
+            },
+        ))
+    }
+
     async fn count(&self, queue: &str) -> Result<u64, BrokerError> {
         let c = &self.client;
         let n: i64 = sqlx::query_scalar(AssertSqlSafe(c.sql.dead_count.clone()))

@@ -20,6 +20,7 @@ pub(crate) struct Sql {
     pub(crate) purge: Arc<str>,
     pub(crate) dead_list: Arc<str>,
     pub(crate) dead_count: Arc<str>,
+    pub(crate) dead_get: Arc<str>,
     pub(crate) dead_take: Arc<str>,
     pub(crate) dead_purge: Arc<str>,
     pub(crate) take_key: Arc<str>,
@@ -267,6 +268,14 @@ const DEAD_LIST: &str = "
 SELECT id, task_id, reason, error, dead_at, envelope, raw, attempt, last_error FROM {S}.dead
 WHERE queue = $1 AND id >= $2 AND expires_at > now() ORDER BY id LIMIT $3";
 
+/// The live dead letter of one task, in any queue (the newest, should a
+/// task have two). The dead table's task index leads with the queue, so
+/// this reads the namespace's dead letters: few, and kept only for the
+/// retention window.
+const DEAD_GET: &str = "
+SELECT id, task_id, reason, error, dead_at, envelope, raw, attempt, last_error, queue FROM {S}.dead
+WHERE task_id = $1 AND expires_at > now() ORDER BY id DESC LIMIT 1";
+
 const DEAD_COUNT: &str =
     "SELECT count(*)::int8 FROM {S}.dead WHERE queue = $1 AND expires_at > now()";
 
@@ -370,6 +379,7 @@ impl Sql {
             purge: f(PURGE),
             dead_list: f(DEAD_LIST),
             dead_count: f(DEAD_COUNT),
+            dead_get: f(DEAD_GET),
             dead_take: f(DEAD_TAKE),
             dead_purge: f(DEAD_PURGE),
             take_key: f(TAKE_KEY),

@@ -251,6 +251,37 @@ impl DeadLetters for RedisBroker {
         Ok(self.stats(queue).await?.dead)
     }
 
+    async fn get(&self, id: TaskId) -> Result<Option<DeadLetter>, BrokerError> {
+        // Each queue's dead-letter index (task id -> entry) in the queue's
+        // own slot: one script per queue of the namespace's queue set,
+        // many in flight at once, as `QueueAdmin::list`.
+        let task = id.to_string();
+        let found: Vec<DeadLetter> = futures::stream::iter(self.all_queues().await?)
+            .map(|queue| {
+                let task = task.as_str();
+                async move {
+                    let mut inv = self.queue_call(&scripts::DEAD_GET, &queue);
+                    inv.arg(self.retention_ms()).arg(task);
+                    let v = self.call(&inv, "finding a dead letter").await?;
+                    let entry = wire::array(&v)
+                        .and_then(|a| a.first())
+                        .and_then(wire::array)
+                        .and_then(|e| <&[Value; 2]>::try_from(e).ok())
+                        .map(|[did, flat]| {
+                            let did = wire::text(did).unwrap_or_default();
+                            self.dead_letter_of(&queue, &did, wire::array(flat).unwrap_or_default())
+                        });
+                    Ok::<_, BrokerError>(entry)
+                }
+            })
+            .buffer_unordered(LIST_IN_FLIGHT)
+            .try_filter_map(|d| std::future::ready(Ok(d)))
+            .try_collect()
+            .await?;
+        // A task dead in two queues (published twice by hand): the newest.
+        Ok(found.into_iter().max_by_key(|d| d.dead_at))
+    }
+
     async fn replay(
         &self,
         queue: &str,

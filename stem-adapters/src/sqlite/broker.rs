@@ -1259,6 +1259,25 @@ impl DeadLetters for SqliteBroker {
         })
     }
 
+    async fn get(&self, id: TaskId) -> Result<Option<DeadLetter>, BrokerError> {
+        let (ns, id) = (self.ns.clone(), id.to_string());
+        // No index on the task id (dead letters are few, and an index
+        // would be one more b-tree written per dead letter): a scan of the
+        // namespace's dead letters, inside SQLite, in one read.
+        self.read(move |c| {
+            let mut st = c.prepare_cached(concat!(
+                "SELECT id, queue, reason, error, dead_ms, envelope, raw, seq FROM stem_dead \
+                 WHERE ns = ?1 AND id = ?2 AND expires_ms > ",
+                now_sql!(),
+                " ORDER BY seq DESC LIMIT 1"
+            ))?;
+            Ok(st
+                .query_row(params![ns, id], Self::dead_letter_of)
+                .optional()?)
+        })
+        .await
+    }
+
     async fn count(&self, queue: &str) -> Result<u64, BrokerError> {
         let (ns, queue) = (self.ns.clone(), queue.to_owned());
         self.read(move |c| {

@@ -511,6 +511,7 @@ macro_rules! conformance_tests {
             settle::b06_settle_keeps_priority_and_unique_key,
             settle::b06_delayed_release_waits,
             broker::b07_dead_letters,
+            broker::b07_get_by_id,
             decided::b07_undecodable_is_never_replayed,
             broker::b08_delay,
             broker::b08_polled_delay_is_not_early,

@@ -969,6 +969,25 @@ impl DeadLetters for InMemoryBroker {
         Ok(DeadLetterPage { items, next })
     }
 
+    async fn get(&self, id: TaskId) -> Result<Option<DeadLetter>, BrokerError> {
+        let now = Utc::now();
+        let retention = self.core.retention;
+        let mut st = self.core.lock();
+        // The newest, should a task be dead in two queues.
+        Ok(st
+            .queues
+            .values_mut()
+            .filter_map(|q| {
+                q.prune_dead(now, retention);
+                q.dead
+                    .iter()
+                    .rev()
+                    .find(|(_, d)| d.id == id)
+                    .map(|(_, d)| d.clone())
+            })
+            .max_by_key(|d| d.dead_at))
+    }
+
     async fn count(&self, queue: &str) -> Result<u64, BrokerError> {
         let now = Utc::now();
         let retention = self.core.retention;
