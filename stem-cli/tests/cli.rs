@@ -299,31 +299,66 @@ async fn queues_lists_every_queue_with_its_counts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queues_watch_redraws_until_stopped() {
+    use std::io::BufRead;
+
     let db = sqlite();
     let stem = client(&db.url, &db.ns).await;
     stem.publish(job("watched", 1)).await.expect("publish");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stem"))
-        .args(["--broker-url", &db.url, "--namespace", &db.ns])
-        .args(["queues", "--watch", "--json"])
-        .env_remove("STEM_NAMESPACE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    tokio::time::sleep(Duration::from_millis(2_600)).await;
+    /// Kills the watcher however the test ends.
+    struct Watcher(std::process::Child);
+    impl Drop for Watcher {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Watcher(
+        Command::new(env!("CARGO_BIN_EXE_stem"))
+            .args(["--broker-url", &db.url, "--namespace", &db.ns])
+            .args(["queues", "--watch", "--json"])
+            .env_remove("STEM_NAMESPACE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    // Each redraw is one JSON line: read them as they come.
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Value)>();
+    let stdout = child.0.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.expect("a line");
+            let doc = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not one JSON document a line ({e}): {line}"));
+            if tx.send((Instant::now(), doc)).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |within: Duration| {
+        rx.recv_timeout(within)
+            .unwrap_or_else(|e| panic!("no redraw within {within:?}: {e}"))
+    };
+    let (first_at, first) = next(Duration::from_secs(15));
+    assert_eq!(first[0]["queue"], "watched");
+    assert_eq!(first[0]["ready"], 1);
+    let (second_at, _) = next(Duration::from_secs(15));
+    assert!(
+        second_at - first_at >= Duration::from_millis(700),
+        "redrawn every second, not in a loop: {:?}",
+        second_at - first_at
+    );
     stem.publish(job("watched", 2)).await.expect("publish");
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let _ = child.kill();
-    let out = child.wait_with_output().expect("output");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let docs: Vec<Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("one JSON document a line"))
-        .collect();
-    assert!(docs.len() >= 3, "a redraw a second: {text}");
-    assert_eq!(docs[0][0]["ready"], 1);
-    assert_eq!(docs.last().unwrap()[0]["ready"], 2, "redraws see new work");
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, doc) = next(until.saturating_duration_since(Instant::now()));
+        if doc[0]["ready"] == 2 {
+            break;
+        }
+    }
+    drop(child);
+    reader.join().expect("the reader saw only JSON lines");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
