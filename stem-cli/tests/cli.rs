@@ -668,11 +668,30 @@ async fn tasks_and_workers_from_a_real_worker() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // workers: the live worker, from its heartbeat.
+    // workers: the live worker from its heartbeats, and one that went
+    // silent for more than 3 of its intervals (dead), listed after it.
+    stem.backend()
+        .expect("a backend")
+        .heartbeat(stem::WorkerHeartbeat {
+            worker_id: String::from("aaa-gone"),
+            host: String::from("elsewhere"),
+            pid: 1,
+            queues: vec![String::from("cli-math")],
+            concurrency: 4,
+            active: 0,
+            at: chrono::Utc::now(),
+            interval: Duration::from_millis(100),
+        })
+        .await
+        .expect("heartbeat");
+    tokio::time::sleep(Duration::from_millis(600)).await;
     let r = stem_at(&db.url, &db.ns, &["workers", "--json"]);
     let list = r.ok().json();
     let list = list.as_array().expect("workers --json is an array");
-    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert_eq!(list[1]["worker_id"], "aaa-gone", "alive first");
+    assert_eq!(list[1]["alive"], false);
+    assert_eq!(list[1]["interval_ms"], 100);
     assert_shape(
         &list[0],
         "worker",
@@ -691,7 +710,15 @@ async fn tasks_and_workers_from_a_real_worker() {
     assert_eq!(list[0]["alive"], true);
     assert_eq!(list[0]["pid"], std::process::id());
     let human = stem_at(&db.url, &db.ns, &["workers"]);
-    assert!(human.ok().stdout.contains("alive"));
+    let lines: Vec<Vec<&str>> = human
+        .ok()
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines.len(), 3, "{}", human.stdout);
+    assert_eq!(lines[1][1], "alive");
+    assert_eq!(&lines[2][..3], ["aaa-gone", "dead", "elsewhere"]);
 
     // Unknown and malformed ids, and a wait that runs out.
     let unknown = TaskId::new().to_string();
