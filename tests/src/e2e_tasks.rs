@@ -135,3 +135,14 @@ pub async fn handler_spin(ctx: stem::Context, key: String) {
     }
     crate::ledger::append_run("cancelled", &key, ctx.attempt(), ctx.deliveries());
 }
+
+/// For the fault suite's stalled workers and crashes: records `start`,
+/// sleeps, records `done`, and returns who ran it, `"<key> <pid>
+/// <deliveries>"`, so a test can tell which run's result was recorded.
+#[stem::task(queue = "faults", retries = 2)]
+pub async fn ledger_whoami(ctx: stem::Context, key: String, millis: u64) -> String {
+    crate::ledger::append_run("start", &key, ctx.attempt(), ctx.deliveries());
+    tokio::time::sleep(Duration::from_millis(millis)).await;
+    crate::ledger::append_run("done", &key, ctx.attempt(), ctx.deliveries());
+    format!("{key} {} {}", std::process::id(), ctx.deliveries())
+}

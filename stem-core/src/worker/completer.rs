@@ -13,7 +13,10 @@
 //!   records are written, then the deliveries settled. A crash between the
 //!   two leaves a terminal record and a live delivery, which is delivered
 //!   again, runs, and is acked; its late record is refused (R1), so the
-//!   first terminal record stands.
+//!   first terminal record stands. A terminal record that cannot be
+//!   written (the backend stays unreachable through the retries) leaves
+//!   its delivery unsettled: acked, the result would be lost; left, the
+//!   lease runs out and the task runs again and records its result.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -194,17 +197,46 @@ async fn flush(rt: &CompleterParts, batch: &mut [Completion], colocated: bool) {
                 loose.into_iter().map(|(_, r)| r).collect(),
             )
             .await;
-            recorded.extend(
-                terminal
-                    .into_iter()
-                    .zip(written)
-                    .filter(|(_, ok)| *ok)
-                    .map(|(t, _)| t),
-            );
+            let mut unrecorded: Vec<usize> = Vec::new();
+            for ((index, terminal), ok) in terminal.into_iter().zip(written) {
+                if ok {
+                    recorded.push((index, terminal));
+                } else if terminal {
+                    unrecorded.push(index);
+                }
+            }
+            // A delivery whose terminal result could not be written is not
+            // settled: acked, its result would be lost for good. Its lease
+            // runs out and it is delivered again, and that run records it.
+            if !unrecorded.is_empty() {
+                pending.retain(|p| {
+                    let keep = !unrecorded.contains(&p.index);
+                    if !keep {
+                        tracing::warn!(task_id = %p.settlement.receipt.task_id, "the task's result could not be recorded, so its delivery is not settled: it runs again once its lease expires");
+                    }
+                    keep
+                });
+            }
         }
     }
 
+    // Fault suite (feature `failpoints`): a crash once a terminal record
+    // of a delivery is written and before the delivery is settled. Only
+    // the separate path has that moment; co-located, the point is below.
+    crash_point!(
+        "stem-after-record",
+        !colocated
+            && recorded
+                .iter()
+                .any(|&(i, terminal)| terminal && pending.iter().any(|p| p.index == i))
+    );
     let settled = settle(rt, pending).await;
+    // Co-located, the record and the settlement commit together: the
+    // point fires once both are written.
+    crash_point!(
+        "stem-after-record",
+        colocated && settled.iter().any(|&(_, terminal)| terminal)
+    );
     for (index, terminal) in settled {
         let c = &batch[index];
         count(rt, c.count);

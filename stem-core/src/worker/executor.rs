@@ -192,6 +192,12 @@ async fn run_delivery(rt: &Runtime, ctx: Context, renewed: Instant) {
     }
 
     let outcome = run_with_lease(rt, entry, &ctx, future, at_most_once, renewed).await;
+    // Fault suite (feature `failpoints`): a crash after the handler
+    // returned, before anything of its outcome is written.
+    crash_point!(
+        "stem-after-handler",
+        matches!(outcome, Outcome::Finished(_) | Outcome::Panicked(_))
+    );
     if !matches!(outcome, Outcome::Finished(_) | Outcome::Panicked(_)) {
         // The future is dropped; code it handed work to (a blocking
         // thread above all) learns of it here.

@@ -31,6 +31,9 @@
 //! tasks, e.g. `let _ = my_tasks::send_email::NAME;`). A worker that finds
 //! no task at all refuses to start and says so.
 
+#[macro_use]
+mod failpoint;
+
 mod completer;
 mod config;
 mod dispatch;

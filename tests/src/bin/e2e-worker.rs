@@ -2,6 +2,9 @@
 //! the broker named by `STEM_BROKER_URL`, and prints its final counts on
 //! stdout as one line (`report succeeded=N failed=N ...`) when it stops.
 //! With `RUST_LOG` set, it logs to stderr (tests read the lines).
+//! `FAILPOINTS` sets the worker's failpoints (stem's `failpoints` feature,
+//! e.g. `FAILPOINTS=stem-after-handler=return`: the process ends at once,
+//! exit status 137, when a handler returns).
 
 use std::io::Write;
 
@@ -14,6 +17,8 @@ async fn main() -> Result<(), stem::worker::WorkerError> {
             .with_ansi(false)
             .init();
     }
+    // Held for the whole run: the failpoints named in `FAILPOINTS`.
+    let failpoints = fail::FailScenario::setup();
     tracing::debug!(task = stem_tests::e2e_tasks::ledger_noop::NAME, "linked");
     let r = stem::worker::run().await?;
     let line = format!(
@@ -22,5 +27,6 @@ async fn main() -> Result<(), stem::worker::WorkerError> {
     );
     // A test reads it; a closed stdout is not the worker's failure.
     let _ = std::io::stdout().write_all(line.as_bytes());
+    failpoints.teardown();
     Ok(())
 }

@@ -7,8 +7,15 @@
 //! `STEM_TEST_REDIS_URL`; without a server a test prints one `SKIP` line
 //! and passes, except under `STEM_REQUIRE_SERVICES=1`, where it fails.
 
+mod clock;
+mod crash;
+mod disk;
 mod handlers;
+mod long;
+mod outage;
 mod poison;
 mod sigkill;
+mod stall;
 mod stop;
 mod support;
+mod unique;

@@ -48,9 +48,46 @@ pub(crate) fn spawn_worker_with(
     extra: &[(&str, &str)],
     stdout: Stdio,
 ) -> Proc {
+    let child = worker_command(target, ledger, lease, concurrency, extra)
+        .stdout(stdout)
+        .spawn()
+        .expect("worker starts");
+    Proc(child)
+}
+
+/// [`spawn_worker_with`], its stdout in the file `report` and its log
+/// (`RUST_LOG=warn`, unless `extra` sets another) in the file `log`.
+pub(crate) fn spawn_worker_logged(
+    target: &Target,
+    ledger: &Path,
+    lease: &str,
+    concurrency: usize,
+    extra: &[(&str, &str)],
+    (report, log): (&Path, &Path),
+) -> Proc {
+    let file = |p: &Path| Stdio::from(std::fs::File::create(p).expect("worker output file"));
+    let mut cmd = worker_command(target, ledger, lease, concurrency, &[]);
+    let child = cmd
+        .env("RUST_LOG", "warn")
+        .envs(extra.iter().copied())
+        .stdout(file(report))
+        .stderr(file(log))
+        .spawn()
+        .expect("worker starts");
+    Proc(child)
+}
+
+/// The `e2e-worker` command of [`spawn_worker_with`], stdout not set.
+fn worker_command(
+    target: &Target,
+    ledger: &Path,
+    lease: &str,
+    concurrency: usize,
+    extra: &[(&str, &str)],
+) -> Command {
     let id = format!("faults-{}", stem::TaskId::new().as_uuid().simple());
-    let child = Command::new(env!("CARGO_BIN_EXE_e2e-worker"))
-        .env("STEM_BROKER_URL", &target.url)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_e2e-worker"));
+    cmd.env("STEM_BROKER_URL", &target.url)
         .env_remove("STEM_RESULT_BACKEND_URL")
         .env("STEM_NAMESPACE", &target.namespace)
         .env(LEDGER_VAR, ledger)
@@ -61,11 +98,96 @@ pub(crate) fn spawn_worker_with(
         .env("STEM_POLL_INTERVAL", "50ms")
         .env("STEM_SHUTDOWN_GRACE", "5s")
         .envs(extra.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .spawn()
-        .expect("worker starts");
-    Proc(child)
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Three tests, `$sqlite`, `$postgres` and `$redis`, each calling
+/// `$run(test_name, &Target, ledger_dir).await` on its adapter: SQLite in
+/// a temporary file, Postgres in a fresh schema and Redis in a fresh
+/// namespace (both named from `$prefix`, and dropped when the test ends,
+/// pass or fail), skipped when the server is not there.
+macro_rules! adapter_tests {
+    ($sqlite:ident, $postgres:ident, $redis:ident, $prefix:literal, $run:path) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sqlite() {
+            let dir = $crate::support::temp_dir("sqlite");
+            let target = $crate::support::Target {
+                url: format!("sqlite://{}", dir.path().join("stem.db").display()),
+                namespace: String::from("stem"),
+            };
+            $run(stringify!($sqlite), &target, dir.path()).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $postgres() {
+            if !stem_tests::postgres::server_up(stringify!($postgres)) {
+                return;
+            }
+            let ns = stem_tests::postgres::namespace($prefix);
+            let _drop_schema = stem_tests::postgres::DropSchema {
+                namespace: ns.clone(),
+            };
+            let dir = $crate::support::temp_dir("postgres");
+            let target = $crate::support::Target {
+                url: stem_tests::postgres::url_with(&format!("namespace={ns}")),
+                namespace: ns,
+            };
+            $run(stringify!($postgres), &target, dir.path()).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $redis() {
+            if !$crate::support::redis_up(stringify!($redis)) {
+                return;
+            }
+            let ns = stem_tests::postgres::namespace($prefix);
+            let _delete = $crate::support::DeleteRedisNamespace {
+                namespace: ns.clone(),
+            };
+            let dir = $crate::support::temp_dir("redis");
+            let target = $crate::support::Target {
+                url: $crate::support::redis_url(),
+                namespace: ns,
+            };
+            $run(stringify!($redis), &target, dir.path()).await;
+        }
+    };
+}
+pub(crate) use adapter_tests;
+
+/// A temporary directory for one test's ledger and files.
+pub(crate) fn temp_dir(adapter: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("stem-faults-{adapter}-"))
+        .tempdir()
+        .expect("temp dir")
+}
+
+/// Sends `sig` (`-STOP`, `-CONT`, `-TERM`) to `proc` with `kill`.
+pub(crate) fn signal(proc: &Proc, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &proc.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {sig} {} failed", proc.pid());
+}
+
+/// Waits up to `limit` for `proc` to exit; its status, if it did.
+pub(crate) async fn wait_exit(
+    proc: &mut Proc,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = proc.0.try_wait().expect("wait") {
+            return Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A small seeded generator (xorshift64*): no dependency, and the seed is
