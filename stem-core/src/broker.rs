@@ -601,6 +601,36 @@ pub struct QueueStats {
     pub dead: u64,
 }
 
+impl QueueStats {
+    /// Whether every count is zero: nothing ready, delayed, leased or dead.
+    ///
+    /// ```
+    /// assert!(stem_core::QueueStats::default().is_empty());
+    /// ```
+    #[must_use]
+    pub const fn is_empty(&self) -> bool {
+        self.ready == 0 && self.delayed == 0 && self.leased == 0 && self.dead == 0
+    }
+}
+
+/// One queue and its counts: an entry of [`QueueAdmin::list`]. Serialized
+/// flat: `{"queue": "emails", "ready": 3, "delayed": 0, "leased": 1, "dead": 0}`.
+///
+/// ```
+/// let s = stem_core::QueueSummary { queue: "emails".into(), stats: Default::default() };
+/// let json = serde_json::to_value(&s).unwrap();
+/// assert_eq!(json["queue"], "emails");
+/// assert_eq!(json["dead"], 0);
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSummary {
+    /// The queue's name.
+    pub queue: String,
+    /// Its counts, as [`QueueAdmin::stats`] gives them.
+    #[serde(flatten)]
+    pub stats: QueueStats,
+}
+
 /// A message received on a broadcast channel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BroadcastMessage {
@@ -758,6 +788,16 @@ pub trait QueueAdmin: Send + Sync {
     /// count as ready, not leased.
     async fn stats(&self, queue: &str) -> Result<QueueStats, BrokerError>;
 
+    /// Every queue of the namespace that holds something (ready, delayed,
+    /// leased or dead: at least one count above zero), with the counts
+    /// [`QueueAdmin::stats`] would give it, sorted by name (B13, new in
+    /// issue 20). A queue whose counts are all zero is left out, on every
+    /// adapter alike: a drained queue leaves no trace in row stores, so
+    /// only "has something" can be answered the same way everywhere. One
+    /// query (or a bounded number of round trips), not one call per queue
+    /// from the caller.
+    async fn list(&self) -> Result<Vec<QueueSummary>, BrokerError>;
+
     /// Removes the queue's ready and delayed envelopes, freeing their
     /// unique keys; returns how many. Other queues are untouched.
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError>;
@@ -777,6 +817,13 @@ pub trait DeadLetters: Send + Sync {
 
     /// Counts a queue's dead letters.
     async fn count(&self, queue: &str) -> Result<u64, BrokerError>;
+
+    /// The live dead letter of task `id`, whatever its queue (B7, new in
+    /// issue 20): what an operator holding only a task id looks up. `None`
+    /// when the task has no dead letter in this namespace (never had one,
+    /// replayed, purged or past the retention). One indexed lookup, or a
+    /// bounded number of round trips, never a listing read page by page.
+    async fn get(&self, id: TaskId) -> Result<Option<DeadLetter>, BrokerError>;
 
     /// Moves dead letters back to their queue, taking their unique keys
     /// again; returns how many. Replaying one that is not an envelope is

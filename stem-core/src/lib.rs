@@ -45,7 +45,7 @@ pub use backend::{
 pub use broker::{
     Broadcast, BroadcastMessage, BroadcastStream, Broker, Capabilities, DeadLetter, DeadLetterPage,
     DeadLetters, Delivery, Disposition, FetchRequest, LeaseModel, Limits, Published, QueueAdmin,
-    QueueStats, Receipt, ReceiptHandle, Replay, Settlement,
+    QueueStats, QueueSummary, Receipt, ReceiptHandle, Replay, Settlement,
 };
 pub use builder::{EnqueueOptions, Signature, TaskBuilder};
 pub use client::{Stem, connect, connect_with};

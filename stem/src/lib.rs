@@ -90,10 +90,10 @@ pub use stem_core::{
     Capabilities, Cause, ConfigError, Context, DeadLetter, DeadLetterPage, DeadLetters, Delivery,
     DeliveryMode, Disposition, EnqueueOptions, Envelope, EnvelopeError, FailureKind, Fatal,
     FetchRequest, GroupSpec, GroupStatus, LeaseModel, Limits, Published, QueueAdmin, QueueStats,
-    RateLimit, Receipt, ReceiptHandle, Replay, ResultBackend, Retry, Settlement, Signature, State,
-    StateMap, Stem, StemError, Task, TaskBuilder, TaskError, TaskFailure, TaskHandle, TaskId,
-    TaskOptions, TaskRecord, TaskState, Unique, UniqueRelease, WorkerHeartbeat, WorkerStatus,
-    connect, connect_with,
+    QueueSummary, RateLimit, Receipt, ReceiptHandle, Replay, ResultBackend, Retry, Settlement,
+    Signature, State, StateMap, Stem, StemError, Task, TaskBuilder, TaskError, TaskFailure,
+    TaskHandle, TaskId, TaskOptions, TaskRecord, TaskState, Unique, UniqueRelease, WorkerHeartbeat,
+    WorkerStatus, connect, connect_with,
 };
 pub use stem_core::{
     backend, broker, builder, client, context, duration, envelope, error, handle, memory, registry,

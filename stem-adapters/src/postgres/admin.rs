@@ -4,7 +4,9 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Connection};
-use stem_core::broker::{DeadLetterPage, DeadLetters, QueueAdmin, QueueStats, Replay};
+use stem_core::broker::{
+    DeadLetterPage, DeadLetters, QueueAdmin, QueueStats, QueueSummary, Replay,
+};
 use stem_core::envelope::validate_queue_name;
 use stem_core::{BrokerError, DeadLetter, Envelope, TaskId};
 use uuid::Uuid;
@@ -54,6 +56,31 @@ impl QueueAdmin for PostgresBroker {
             leased: u64_of(leased),
             dead: u64_of(dead),
         })
+    }
+
+    async fn list(&self) -> Result<Vec<QueueSummary>, BrokerError> {
+        let c = &self.client;
+        let rows: Vec<(String, i64, i64, i64, i64)> =
+            sqlx::query_as(AssertSqlSafe(c.sql.queues.clone()))
+                .fetch_all(&c.pool)
+                .await
+                .map_err(|e| c.broker_err("list queues", e))?;
+        let mut out: Vec<QueueSummary> = rows
+            .into_iter()
+            .map(|(queue, ready, delayed, leased, dead)| QueueSummary {
+                queue,
+                stats: QueueStats {
+                    ready: u64_of(ready),
+                    delayed: u64_of(delayed),
+                    leased: u64_of(leased),
+                    dead: u64_of(dead),
+                },
+            })
+            .filter(|s| !s.stats.is_empty())
+            .collect();
+        // By bytes, as every adapter sorts (the server's collation may not).
+        out.sort_unstable_by(|a, b| a.queue.cmp(&b.queue));
+        Ok(out)
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
@@ -112,6 +139,39 @@ impl DeadLetters for PostgresBroker {
             )
             .collect();
         Ok(DeadLetterPage { items, next })
+    }
+
+    async fn get(&self, id: TaskId) -> Result<Option<DeadLetter>, BrokerError> {
+        let c = &self.client;
+        let row: Option<(
+            i64,
+            Uuid,
+            String,
+            Option<String>,
+            DateTime<Utc>,
+            Option<Vec<u8>>,
+            Option<String>,
+            i32,
+            Option<String>,
+            String,
+        )> = sqlx::query_as(AssertSqlSafe(c.sql.dead_get.clone()))
+            .bind(id.as_uuid())
+            .fetch_optional(&c.pool)
+            .await
+            .map_err(|e| c.broker_err("find a dead letter", e))?;
+        Ok(row.map(
+            |(_, task_id, reason, error, dead_at, bytes, raw, attempt, last_error, queue)| {
+                DeadLetter {
+                    id: TaskId::from_uuid(task_id),
+                    queue,
+                    reason,
+                    error,
+                    dead_at,
+                    envelope: envelope_of(bytes.as_deref(), attempt, last_error),
+                    raw,
+                }
+            },
+        ))
     }
 
     async fn count(&self, queue: &str) -> Result<u64, BrokerError> {

@@ -16,9 +16,11 @@ pub(crate) struct Sql {
     pub(crate) settle: Arc<str>,
     pub(crate) settle_records: Arc<str>,
     pub(crate) stats: Arc<str>,
+    pub(crate) queues: Arc<str>,
     pub(crate) purge: Arc<str>,
     pub(crate) dead_list: Arc<str>,
     pub(crate) dead_count: Arc<str>,
+    pub(crate) dead_get: Arc<str>,
     pub(crate) dead_take: Arc<str>,
     pub(crate) dead_purge: Arc<str>,
     pub(crate) take_key: Arc<str>,
@@ -235,6 +237,22 @@ SELECT (SELECT count(*) FROM {S}.jobs WHERE queue = $1 AND state = 0)
        (SELECT count(*) FROM {S}.dead WHERE queue = $1 AND expires_at > now())
 FROM {S}.jobs WHERE queue = $1 AND state > 0";
 
+/// Counts of every queue that holds something, by name, as `STATS`
+/// counts one: grouped over the jobs and the live dead letters, joined.
+const QUEUES: &str = "
+WITH j AS (
+  SELECT queue,
+         count(*) FILTER (WHERE state = 0 OR due <= now()) AS ready,
+         count(*) FILTER (WHERE state = 1 AND due > now()) AS delayed,
+         count(*) FILTER (WHERE state = 2 AND due > now()) AS leased
+  FROM {S}.jobs GROUP BY queue
+), d AS (
+  SELECT queue, count(*) AS dead FROM {S}.dead WHERE expires_at > now() GROUP BY queue
+)
+SELECT COALESCE(j.queue, d.queue), COALESCE(j.ready, 0)::int8, COALESCE(j.delayed, 0)::int8,
+       COALESCE(j.leased, 0)::int8, COALESCE(d.dead, 0)::int8
+FROM j FULL JOIN d ON j.queue = d.queue ORDER BY 1";
+
 /// Removes a queue's ready and delayed rows (and expired leases, which
 /// count as ready), freeing their unique keys.
 const PURGE: &str = "
@@ -249,6 +267,14 @@ SELECT count(*)::int8 FROM gone";
 const DEAD_LIST: &str = "
 SELECT id, task_id, reason, error, dead_at, envelope, raw, attempt, last_error FROM {S}.dead
 WHERE queue = $1 AND id >= $2 AND expires_at > now() ORDER BY id LIMIT $3";
+
+/// The live dead letter of one task, in any queue (the newest, should a
+/// task have two). The dead table's task index leads with the queue, so
+/// this reads the namespace's dead letters: few, and kept only for the
+/// retention window.
+const DEAD_GET: &str = "
+SELECT id, task_id, reason, error, dead_at, envelope, raw, attempt, last_error, queue FROM {S}.dead
+WHERE task_id = $1 AND expires_at > now() ORDER BY id DESC LIMIT 1";
 
 const DEAD_COUNT: &str =
     "SELECT count(*)::int8 FROM {S}.dead WHERE queue = $1 AND expires_at > now()";
@@ -349,9 +375,11 @@ impl Sql {
                 )
             )),
             stats: f(STATS),
+            queues: f(QUEUES),
             purge: f(PURGE),
             dead_list: f(DEAD_LIST),
             dead_count: f(DEAD_COUNT),
+            dead_get: f(DEAD_GET),
             dead_take: f(DEAD_TAKE),
             dead_purge: f(DEAD_PURGE),
             take_key: f(TAKE_KEY),

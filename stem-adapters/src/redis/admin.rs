@@ -3,8 +3,11 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
 use redis::Value;
-use stem_core::broker::{DeadLetter, DeadLetterPage, DeadLetters, QueueAdmin, QueueStats, Replay};
+use stem_core::broker::{
+    DeadLetter, DeadLetterPage, DeadLetters, QueueAdmin, QueueStats, QueueSummary, Replay,
+};
 use stem_core::envelope::validate_queue_name;
 use stem_core::{BrokerError, Envelope, TaskId, UniqueRelease};
 
@@ -16,6 +19,11 @@ use super::wire;
 
 /// Envelopes removed per purge call, and dead letters replayed per page.
 const CHUNK: usize = 1000;
+
+/// Queues counted at once by `list`: their scripts share the multiplexed
+/// connection (pipelined), so a namespace of many queues costs about
+/// `queues / LIST_IN_FLIGHT` round trips, not one per queue.
+const LIST_IN_FLIGHT: usize = 32;
 
 impl RedisBroker {
     fn queue_call<'a>(
@@ -155,6 +163,24 @@ impl QueueAdmin for RedisBroker {
         })
     }
 
+    async fn list(&self) -> Result<Vec<QueueSummary>, BrokerError> {
+        // The namespace's queue set (every publish registers its queue;
+        // never KEYS, never a SCAN of the key space), then each queue's
+        // counts by the same script as `stats`, many in flight at once.
+        let queues = self.all_queues().await?;
+        let mut out: Vec<QueueSummary> = futures::stream::iter(queues)
+            .map(|queue| async move {
+                let stats = self.stats(&queue).await?;
+                Ok::<_, BrokerError>(QueueSummary { queue, stats })
+            })
+            .buffer_unordered(LIST_IN_FLIGHT)
+            .try_filter(|s| std::future::ready(!s.stats.is_empty()))
+            .try_collect()
+            .await?;
+        out.sort_unstable_by(|a, b| a.queue.cmp(&b.queue));
+        Ok(out)
+    }
+
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
         let before = self.stats(queue).await?;
         // Bounded by what was there when the purge began, so producers
@@ -223,6 +249,37 @@ impl DeadLetters for RedisBroker {
 
     async fn count(&self, queue: &str) -> Result<u64, BrokerError> {
         Ok(self.stats(queue).await?.dead)
+    }
+
+    async fn get(&self, id: TaskId) -> Result<Option<DeadLetter>, BrokerError> {
+        // Each queue's dead-letter index (task id -> entry) in the queue's
+        // own slot: one script per queue of the namespace's queue set,
+        // many in flight at once, as `QueueAdmin::list`.
+        let task = id.to_string();
+        let found: Vec<DeadLetter> = futures::stream::iter(self.all_queues().await?)
+            .map(|queue| {
+                let task = task.as_str();
+                async move {
+                    let mut inv = self.queue_call(&scripts::DEAD_GET, &queue);
+                    inv.arg(self.retention_ms()).arg(task);
+                    let v = self.call(&inv, "finding a dead letter").await?;
+                    let entry = wire::array(&v)
+                        .and_then(|a| a.first())
+                        .and_then(wire::array)
+                        .and_then(|e| <&[Value; 2]>::try_from(e).ok())
+                        .map(|[did, flat]| {
+                            let did = wire::text(did).unwrap_or_default();
+                            self.dead_letter_of(&queue, &did, wire::array(flat).unwrap_or_default())
+                        });
+                    Ok::<_, BrokerError>(entry)
+                }
+            })
+            .buffer_unordered(LIST_IN_FLIGHT)
+            .try_filter_map(|d| std::future::ready(Ok(d)))
+            .try_collect()
+            .await?;
+        // A task dead in two queues (published twice by hand): the newest.
+        Ok(found.into_iter().max_by_key(|d| d.dead_at))
     }
 
     async fn replay(

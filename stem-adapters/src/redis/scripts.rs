@@ -32,6 +32,8 @@ pub(crate) static PURGE: LazyLock<Script> =
     LazyLock::new(|| queue_script(include_str!("lua/purge.lua")));
 pub(crate) static DEAD_LIST: LazyLock<Script> =
     LazyLock::new(|| queue_script(include_str!("lua/dead_list.lua")));
+pub(crate) static DEAD_GET: LazyLock<Script> =
+    LazyLock::new(|| queue_script(include_str!("lua/dead_get.lua")));
 pub(crate) static REPLAY: LazyLock<Script> =
     LazyLock::new(|| queue_script(include_str!("lua/replay.lua")));
 pub(crate) static REAP: LazyLock<Script> =

@@ -18,7 +18,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use stem_core::broker::{
     Broadcast, BroadcastMessage, BroadcastStream, Capabilities, DeadLetter, DeadLetterPage,
     DeadLetters, Delivery, Disposition, FetchRequest, Limits, Published, QueueAdmin, QueueStats,
-    Receipt, Replay, Settlement, charged, check_encoded_size, undecodable_reason,
+    QueueSummary, Receipt, Replay, Settlement, charged, check_encoded_size, undecodable_reason,
 };
 use stem_core::envelope::validate_queue_name;
 use stem_core::{
@@ -1114,6 +1114,72 @@ impl QueueAdmin for SqliteBroker {
         })
     }
 
+    async fn list(&self) -> Result<Vec<QueueSummary>, BrokerError> {
+        let ns = self.ns.clone();
+        // Three grouped counts in one read, each on an index: ready rows
+        // from the ready index, delayed and leased rows (few) compared with
+        // one `now`, live dead letters; merged by queue name.
+        let rows = self
+            .read(move |c| {
+                let now = db_now(c)?;
+                let mut by_queue: std::collections::BTreeMap<String, QueueStats> =
+                    std::collections::BTreeMap::new();
+                let mut ready = c.prepare_cached(concat!(
+                    "SELECT queue, COUNT(*) FROM stem_jobs WHERE ns = ?1 AND state = ",
+                    ready!(),
+                    " GROUP BY queue"
+                ))?;
+                for row in ready.query_map(params![ns], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })? {
+                    let (q, n) = row?;
+                    by_queue.entry(q).or_default().ready += u64_of(n);
+                }
+                let mut later = c.prepare_cached(concat!(
+                    "SELECT queue, COALESCE(SUM(CASE WHEN due_ms <= ?1 THEN 1 ELSE 0 END), 0), \
+                       COALESCE(SUM(CASE WHEN state = ",
+                    delayed!(),
+                    " AND due_ms > ?1 THEN 1 ELSE 0 END), 0), \
+                       COALESCE(SUM(CASE WHEN state = ",
+                    leased!(),
+                    " AND due_ms > ?1 THEN 1 ELSE 0 END), 0) \
+                     FROM stem_jobs WHERE ns = ?2 AND state > ",
+                    ready!(),
+                    " GROUP BY queue"
+                ))?;
+                for row in later.query_map(params![now, ns], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                })? {
+                    let (q, due, delayed, leased) = row?;
+                    let s = by_queue.entry(q).or_default();
+                    s.ready += u64_of(due);
+                    s.delayed += u64_of(delayed);
+                    s.leased += u64_of(leased);
+                }
+                let mut dead = c.prepare_cached(
+                    "SELECT queue, COUNT(*) FROM stem_dead WHERE ns = ?1 AND expires_ms > ?2 GROUP BY queue",
+                )?;
+                for row in dead.query_map(params![ns, now], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })? {
+                    let (q, n) = row?;
+                    by_queue.entry(q).or_default().dead += u64_of(n);
+                }
+                Ok(by_queue)
+            })
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter(|(_, stats)| !stats.is_empty())
+            .map(|(queue, stats)| QueueSummary { queue, stats })
+            .collect())
+    }
+
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
         let (ns, queue) = (self.ns.clone(), queue.to_owned());
         self.write(move |c| {
@@ -1191,6 +1257,25 @@ impl DeadLetters for SqliteBroker {
             items: rows.into_iter().map(|(_, d)| d).collect(),
             next,
         })
+    }
+
+    async fn get(&self, id: TaskId) -> Result<Option<DeadLetter>, BrokerError> {
+        let (ns, id) = (self.ns.clone(), id.to_string());
+        // No index on the task id (dead letters are few, and an index
+        // would be one more b-tree written per dead letter): a scan of the
+        // namespace's dead letters, inside SQLite, in one read.
+        self.read(move |c| {
+            let mut st = c.prepare_cached(concat!(
+                "SELECT id, queue, reason, error, dead_ms, envelope, raw, seq FROM stem_dead \
+                 WHERE ns = ?1 AND id = ?2 AND expires_ms > ",
+                now_sql!(),
+                " ORDER BY seq DESC LIMIT 1"
+            ))?;
+            Ok(st
+                .query_row(params![ns, id], Self::dead_letter_of)
+                .optional()?)
+        })
+        .await
     }
 
     async fn count(&self, queue: &str) -> Result<u64, BrokerError> {

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use crate::broker::{
     Broadcast, BroadcastStream, Broker, DeadLetter, DeadLetters, Disposition, QueueAdmin,
-    QueueStats, Receipt, Replay, Settlement,
+    QueueStats, QueueSummary, Receipt, Replay, Settlement,
 };
 use crate::error::BrokerError;
 
@@ -51,6 +51,8 @@ pub(crate) trait BrokerOps {
     async fn stats(&self, queue: &str) -> Result<QueueStats, BrokerError>;
     /// `QueueAdmin::purge`.
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError>;
+    /// `QueueAdmin::list`.
+    async fn list_queues(&self) -> Result<Vec<QueueSummary>, BrokerError>;
     /// Every dead letter of `queue` (all pages, at most `limit`).
     async fn list_dead(&self, queue: &str, limit: usize) -> Result<Vec<DeadLetter>, BrokerError>;
     /// `DeadLetters::count`.
@@ -110,6 +112,10 @@ impl BrokerOps for dyn Broker {
 
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
         queues(self).purge(queue).await
+    }
+
+    async fn list_queues(&self) -> Result<Vec<QueueSummary>, BrokerError> {
+        queues(self).list().await
     }
 
     async fn list_dead(&self, queue: &str, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {

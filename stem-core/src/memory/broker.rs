@@ -22,7 +22,7 @@ use super::MemoryOptions;
 use crate::broker::{
     Broadcast, BroadcastMessage, BroadcastStream, Broker, Capabilities, DeadLetter, DeadLetterPage,
     DeadLetters, Delivery, Disposition, FetchRequest, Limits, Published, QueueAdmin, QueueStats,
-    Receipt, Replay, Settlement, charged, check_envelope, undecodable_reason,
+    QueueSummary, Receipt, Replay, Settlement, charged, check_envelope, undecodable_reason,
 };
 use crate::envelope::{Envelope, MAX_PRIORITY, TaskId, UniqueRelease};
 use crate::error::BrokerError;
@@ -219,6 +219,16 @@ struct Queue {
 }
 
 impl Queue {
+    /// The counts of B13, as they stand (promote and prune first).
+    fn counts(&self) -> QueueStats {
+        QueueStats {
+            ready: self.ready as u64,
+            delayed: self.delayed.len() as u64,
+            leased: self.leased,
+            dead: self.dead.len() as u64,
+        }
+    }
+
     fn new(name: Arc<str>) -> Self {
         Self {
             name,
@@ -875,12 +885,29 @@ impl QueueAdmin for InMemoryBroker {
         };
         q.promote(now_u);
         q.prune_dead(now_u, retention);
-        Ok(QueueStats {
-            ready: q.ready as u64,
-            delayed: q.delayed.len() as u64,
-            leased: q.leased,
-            dead: q.dead.len() as u64,
-        })
+        Ok(q.counts())
+    }
+
+    async fn list(&self) -> Result<Vec<QueueSummary>, BrokerError> {
+        let now_u = Utc::now();
+        let retention = self.core.retention;
+        let mut st = self.core.lock();
+        st.rescue(Instant::now());
+        let mut out: Vec<QueueSummary> = st
+            .queues
+            .values_mut()
+            .filter_map(|q| {
+                q.promote(now_u);
+                q.prune_dead(now_u, retention);
+                let stats = q.counts();
+                (!stats.is_empty()).then(|| QueueSummary {
+                    queue: q.name.to_string(),
+                    stats,
+                })
+            })
+            .collect();
+        out.sort_unstable_by(|a, b| a.queue.cmp(&b.queue));
+        Ok(out)
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
@@ -940,6 +967,25 @@ impl DeadLetters for InMemoryBroker {
             .get(start + items.len())
             .map(|(seq, _)| seq.to_string());
         Ok(DeadLetterPage { items, next })
+    }
+
+    async fn get(&self, id: TaskId) -> Result<Option<DeadLetter>, BrokerError> {
+        let now = Utc::now();
+        let retention = self.core.retention;
+        let mut st = self.core.lock();
+        // The newest, should a task be dead in two queues.
+        Ok(st
+            .queues
+            .values_mut()
+            .filter_map(|q| {
+                q.prune_dead(now, retention);
+                q.dead
+                    .iter()
+                    .rev()
+                    .find(|(_, d)| d.id == id)
+                    .map(|(_, d)| d.clone())
+            })
+            .max_by_key(|d| d.dead_at))
     }
 
     async fn count(&self, queue: &str) -> Result<u64, BrokerError> {

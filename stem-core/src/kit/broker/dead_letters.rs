@@ -274,6 +274,7 @@ pub async fn b07_dead_letters(f: &dyn AdapterFactory) {
             1,
             "kept within the window"
         );
+        let expiring = got[0].envelope.id;
         let dead_at = Instant::now();
         eventually(
             "the dead letter to expire",
@@ -284,6 +285,12 @@ pub async fn b07_dead_letters(f: &dyn AdapterFactory) {
                     s.maintain().await.expect("maintain");
                     s.dead_letter_count("dl").await.expect("count") == 0
                         && s.list_dead("dl", 10).await.expect("list").is_empty()
+                        && s.dead_letters()
+                            .expect("B7 needs DeadLetters")
+                            .get(expiring)
+                            .await
+                            .expect("get")
+                            .is_none()
                 }
             },
         )
@@ -293,6 +300,121 @@ pub async fn b07_dead_letters(f: &dyn AdapterFactory) {
             "expired before the retention window"
         );
         assert_eq!(stats(&*s, "dl").await.dead, 0);
+    })
+    .await;
+}
+
+/// B7 `get` (new in issue 20): a dead letter is found by its task id
+/// alone, whatever its queue, with what the listing shows; an unknown id,
+/// a replayed or purged dead letter and another namespace's find nothing;
+/// undecodable bytes are found with their raw text.
+pub async fn b07_get_by_id(f: &dyn AdapterFactory) {
+    let o = KitOptions::new(f.name(), "b07_get");
+    let other = o.beside("b07_get_other");
+    guarded(f, &[&o, &other], async {
+        let b = f.broker(&o).await;
+        let dl = b.dead_letters().expect("B7 needs DeadLetters");
+        assert!(
+            dl.get(TaskId::new()).await.expect("get").is_none(),
+            "an unknown id finds nothing"
+        );
+        // Two queues (one with a separator in its name), two dead each.
+        let mut ids = Vec::new();
+        for queue in ["get-a", "get:b"] {
+            for n in 0..2 {
+                let id = publish(&*b, job(queue, n)).await;
+                let got = fetch(&*b, &req(&[queue], 1, LONG_LEASE)).await;
+                assert_eq!(got[0].envelope.id, id);
+                let request = Disposition::DeadLetter {
+                    reason: format!("reason {queue} {n}"),
+                    error: Some(format!("error {n}")),
+                    charge: true,
+                };
+                b.settle_one(Settlement::new(got[0].receipt.clone(), request))
+                    .await
+                    .expect("dead_letter");
+                ids.push((queue, id));
+            }
+        }
+        for (queue, id) in &ids {
+            let d = dl
+                .get(*id)
+                .await
+                .expect("get")
+                .unwrap_or_else(|| panic!("dead letter {id} of `{queue}` not found by id"));
+            let listed = b
+                .list_dead(queue, 10)
+                .await
+                .expect("list")
+                .into_iter()
+                .find(|l| l.id == *id)
+                .expect("listed");
+            assert_eq!(d.id, *id);
+            assert_eq!(d.queue, *queue, "the queue it died in");
+            assert_eq!(d.reason, listed.reason);
+            assert_eq!(d.error, listed.error);
+            assert_eq!(
+                d.dead_at.timestamp_millis(),
+                listed.dead_at.timestamp_millis()
+            );
+            let env = d.envelope.as_ref().expect("the full envelope");
+            assert_eq!(env.id, *id);
+            assert_eq!(env.attempt, 1, "the charged attempt");
+            assert_eq!(
+                env.last_error,
+                listed.envelope.as_ref().and_then(|e| e.last_error.clone())
+            );
+            assert!(d.raw.is_none());
+        }
+
+        // Another namespace on the same storage finds none of them.
+        let ob = f.broker(&other).await;
+        let odl = ob.dead_letters().expect("B7 needs DeadLetters");
+        for (_, id) in &ids {
+            assert!(
+                odl.get(*id).await.expect("get").is_none(),
+                "another namespace's dead letter found"
+            );
+        }
+
+        // Replayed and purged dead letters are gone.
+        assert_eq!(
+            b.replay_dead_letters("get-a", Replay::One(ids[0].1), false)
+                .await
+                .expect("replay"),
+            1
+        );
+        assert!(dl.get(ids[0].1).await.expect("get").is_none(), "replayed");
+        assert!(
+            dl.get(ids[1].1).await.expect("get").is_some(),
+            "the other stays"
+        );
+        assert_eq!(b.purge_dead_letters("get:b").await.expect("purge"), 2);
+        assert!(dl.get(ids[2].1).await.expect("get").is_none(), "purged");
+
+        // Undecodable bytes: found by the id the listing gave them.
+        f.insert_garbage(&o, "get-junk", b"{not an envelope").await;
+        assert_nothing(
+            &*b,
+            &["get-junk"],
+            Duration::from_millis(300),
+            "garbage is dead-lettered, not delivered",
+        )
+        .await;
+        let junk = b.list_dead("get-junk", 10).await.expect("list");
+        assert_eq!(junk.len(), 1, "the garbage was dead-lettered");
+        let d = dl
+            .get(junk[0].id)
+            .await
+            .expect("get")
+            .expect("undecodable dead letter found by id");
+        assert_eq!(d.queue, "get-junk");
+        assert!(d.envelope.is_none());
+        assert!(
+            d.raw
+                .as_deref()
+                .is_some_and(|r| r.contains("not an envelope"))
+        );
     })
     .await;
 }

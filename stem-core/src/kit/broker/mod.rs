@@ -21,13 +21,13 @@ pub mod unique;
 
 pub use batch::b14_batch;
 pub use broadcast::b11_broadcast;
-pub use dead_letters::{b06_nack_and_dead_letter, b07_dead_letters};
+pub use dead_letters::{b06_nack_and_dead_letter, b07_dead_letters, b07_get_by_id};
 pub use delivery::{b01_durable_publish, b02_at_least_once, b09_priority, b10_many_queues};
 pub use input::b16_bad_input;
 pub use leases::{b03_exclusive_lease, b04_ack_final_and_fenced, b05_extend_lease};
 pub use namespaces::{b12_namespaces, b12_separators};
 pub use reconnect::b15_reconnect;
-pub use stats::b13_stats_and_purge;
+pub use stats::{b13_list_queues, b13_stats_and_purge};
 pub use time::{b08_delay, b08_polled_delay_is_not_early, b18_server_time};
 pub use unique::b17_unique;
 

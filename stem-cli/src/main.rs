@@ -1,0 +1,70 @@
+//! `stem`: operate a Stem deployment from a shell. Queues and their
+//! counts, dead letters, purges, task records and worker heartbeats, over
+//! any broker and result backend the `stem` crate opens by URL.
+//!
+//! Exit codes: 0 done, 1 the operation failed (not found, refused by the
+//! broker, a failed task, unreachable server), 2 bad usage. Errors are one
+//! `error: ...` line on stderr.
+
+mod args;
+mod connect;
+mod dlq;
+mod error;
+mod output;
+mod purge;
+mod queues;
+mod task;
+mod workers;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::args::{Cli, Command};
+use crate::connect::Target;
+use crate::error::CliError;
+use crate::output::Out;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(source) => {
+            return fail(&CliError::Io {
+                what: "starting the async runtime",
+                source,
+            });
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &CliError) -> ExitCode {
+    let _ = writeln!(std::io::stderr().lock(), "error: {}", e.line());
+    e.exit_code()
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    let target = Target {
+        broker_url: cli.broker_url,
+        backend_url: cli.backend_url,
+        namespace: cli.namespace,
+    };
+    let out = Out::new(cli.json);
+    match &cli.command {
+        Command::Queues(args) => queues::run(&target, out, args).await,
+        Command::Dlq(cmd) => dlq::run(&target, out, cmd).await,
+        Command::Purge(args) => purge::run(&target, out, args).await,
+        Command::Task(cmd) => task::run(&target, out, cmd).await,
+        Command::Workers => workers::run(&target, out).await,
+    }
+}
