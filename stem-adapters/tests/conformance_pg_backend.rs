@@ -155,6 +155,7 @@ mod backend_kit {
         backend::r5_chord_waits_for_terminal_members,
         backend::r6_heartbeats,
         backend::r7_revocation,
+        backend::r8_forget,
         races::r5_race_chord_finishers,
     );
 }

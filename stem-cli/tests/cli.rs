@@ -681,6 +681,8 @@ async fn tasks_and_workers_from_a_real_worker() {
             active: 0,
             at: chrono::Utc::now(),
             interval: Duration::from_millis(100),
+            tasks: Vec::new(),
+            events: false,
         })
         .await
         .expect("heartbeat");

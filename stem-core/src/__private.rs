@@ -12,7 +12,8 @@ pub use crate::context::{Context, State};
 pub use crate::error::StemError;
 pub use crate::handle::TaskHandle;
 pub use crate::registry::{
-    DecodeError, HandlerError, HandlerFn, HandlerFuture, HandlerResult, StateRequirement, TaskEntry,
+    ArgsCheckFn, DecodeError, HandlerError, HandlerFn, HandlerFuture, HandlerResult,
+    StateRequirement, TaskEntry,
 };
 pub use crate::retry::Backoff;
 pub use crate::task::{DeliveryMode, RateLimit, Task, TaskOptions};
@@ -175,6 +176,12 @@ pub trait Handle {
     /// # Errors
     /// Arguments that do not decode as the task's `Args`.
     fn handle(ctx: Context, raw: &RawValue) -> Result<HandlerFuture, DecodeError>;
+
+    /// Decodes the arguments and drops them.
+    ///
+    /// # Errors
+    /// Arguments that do not decode as the task's `Args`.
+    fn check_args(raw: &RawValue) -> Result<(), DecodeError>;
 }
 
 /// `<HandlerOf<T>>::HANDLER` is `T::handle` when `T: Handle`. Otherwise the
@@ -187,6 +194,8 @@ pub struct HandlerOf<T>(PhantomData<fn() -> T>);
 impl<T: Handle> HandlerOf<T> {
     /// The task's handler.
     pub const HANDLER: HandlerFn = T::handle;
+    /// The task's argument check.
+    pub const CHECK_ARGS: ArgsCheckFn = T::check_args;
 }
 
 /// The fallback of [`HandlerOf`], chosen only for a task whose types fail
@@ -194,10 +203,20 @@ impl<T: Handle> HandlerOf<T> {
 pub trait NoHandler {
     /// A handler that decodes nothing.
     const HANDLER: HandlerFn;
+    /// A check that accepts nothing.
+    const CHECK_ARGS: ArgsCheckFn;
 }
 
 impl<T: 'static> NoHandler for HandlerOf<T> {
     const HANDLER: HandlerFn = no_handler::<T>;
+    const CHECK_ARGS: ArgsCheckFn = no_check::<T>;
+}
+
+fn no_check<T: 'static>(_: &RawValue) -> Result<(), DecodeError> {
+    Err(DecodeError {
+        args_type: std::any::type_name::<T>(),
+        reason: "the task's parameter or output types do not meet its requirements".to_owned(),
+    })
 }
 
 fn no_handler<T: 'static>(_: Context, _: &RawValue) -> Result<HandlerFuture, DecodeError> {

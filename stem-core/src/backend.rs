@@ -225,6 +225,27 @@ pub struct WorkerHeartbeat {
     pub at: DateTime<Utc>,
     /// The interval between heartbeats.
     pub interval: Duration,
+    /// The tasks this worker runs, with their declared queue and options,
+    /// so a producer that does not link a task can enqueue it by name
+    /// ([`Stem::enqueue_by_name`](crate::Stem::enqueue_by_name)).
+    #[serde(default)]
+    pub tasks: Vec<AdvertisedTask>,
+    /// Whether the worker sends task events.
+    #[serde(default)]
+    pub events: bool,
+}
+
+/// A task a worker runs, as its heartbeat advertises it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AdvertisedTask {
+    /// The registered name.
+    pub name: String,
+    /// The declared queue.
+    pub queue: String,
+    /// The declared priority.
+    pub priority: u8,
+    /// The declared retries.
+    pub retries: u32,
 }
 
 /// A worker as the backend sees it.
@@ -291,6 +312,12 @@ pub trait ResultBackend: Send + Sync + 'static {
 
     /// Remembers `id` as revoked for `ttl` (R7).
     async fn revoke(&self, id: TaskId, ttl: Duration) -> Result<(), BackendError>;
+
+    /// Deletes the records of `ids` (R8): a task whose dead letter is
+    /// replayed starts a new life, and its new run's records must not be
+    /// refused by the terminal record of its old one (R1). Returns how
+    /// many records existed.
+    async fn forget(&self, ids: &[TaskId]) -> Result<u64, BackendError>;
 
     /// For each id, whether it is revoked (R7); one round trip.
     async fn revoked(&self, ids: &[TaskId]) -> Result<Vec<bool>, BackendError>;

@@ -1,13 +1,14 @@
 //! The [`Stem`] client: a broker plus an optional result backend, and the
 //! process-wide default client that generated `enqueue` functions use.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use crate::backend::{DEFAULT_REVOKE_TTL, ResultBackend, TaskRecord, TaskState};
 use crate::broker::{Broker, Published, QueueStats};
 use crate::envelope::{Envelope, TaskId};
 use crate::error::{BrokerError, ConfigError, StemError};
+use crate::events::{Event, EventKind, Publisher};
 use crate::url::{ConnectOptions, adapter_for, redact};
 
 /// Environment variable naming the broker URL.
@@ -38,6 +39,9 @@ struct Inner {
     broker: Arc<dyn Broker>,
     backend: Option<Arc<dyn ResultBackend>>,
     namespace: String,
+    /// `Some` when events are on: the publisher, started at the first
+    /// event (inside the runtime that publishes).
+    events: Option<OnceLock<Publisher>>,
 }
 
 impl std::fmt::Debug for Stem {
@@ -49,6 +53,7 @@ impl std::fmt::Debug for Stem {
                 &self.inner.backend.as_ref().map(|b| b.describe()),
             )
             .field("namespace", &self.inner.namespace)
+            .field("events", &self.inner.events.is_some())
             .finish()
     }
 }
@@ -58,15 +63,91 @@ static DEFAULT_INIT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 impl Stem {
     /// A client over an explicit broker and optional result backend.
+    /// Events are on when `STEM_EVENTS` says so (a value that is not a
+    /// switch word is logged and counts as off).
     #[must_use]
     pub fn new(broker: Arc<dyn Broker>, backend: Option<Arc<dyn ResultBackend>>) -> Self {
+        let events = crate::events::events_from_env().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "task events stay off");
+            false
+        });
         Self {
             inner: Arc::new(Inner {
                 broker,
                 backend,
                 namespace: namespace_from_env(),
+                events: events.then(OnceLock::new),
             }),
         }
+    }
+
+    /// This client with task events on or off (`sent` for every task it
+    /// publishes outside a transaction; see [`crate::events`]).
+    #[must_use]
+    pub fn with_events(self, on: bool) -> Self {
+        if on == self.inner.events.is_some() {
+            return self;
+        }
+        Self {
+            inner: Arc::new(Inner {
+                broker: Arc::clone(&self.inner.broker),
+                backend: self.inner.backend.clone(),
+                namespace: self.inner.namespace.clone(),
+                events: on.then(OnceLock::new),
+            }),
+        }
+    }
+
+    /// Whether this client sends task events.
+    #[must_use]
+    pub fn events_on(&self) -> bool {
+        self.inner.events.is_some()
+    }
+
+    /// The event publisher, when events are on.
+    fn publisher(&self) -> Option<&Publisher> {
+        let cell = self.inner.events.as_ref()?;
+        Some(cell.get_or_init(|| {
+            Publisher::start(
+                Arc::clone(&self.inner.broker),
+                &crate::events::producer_source(),
+            )
+        }))
+    }
+
+    /// Sends the events this client has queued and waits until they are
+    /// out (call it before a short-lived producer exits). Does nothing
+    /// when events are off.
+    pub async fn flush_events(&self) {
+        if let Some(cell) = &self.inner.events
+            && let Some(p) = cell.get()
+        {
+            p.flush().await;
+        }
+    }
+
+    /// `sent` events for the envelopes stored (not for duplicates).
+    fn announce(&self, sent: Vec<Event>, published: &[Published]) {
+        let Some(publisher) = self.publisher() else {
+            return;
+        };
+        for (event, p) in sent.into_iter().zip(published) {
+            if matches!(p, Published::Stored(_)) {
+                publisher.emit(event);
+            }
+        }
+    }
+
+    /// The `sent` events to announce after a publish, when events are on.
+    fn sent_events(&self, envelopes: &[Envelope]) -> Vec<Event> {
+        if self.inner.events.is_none() {
+            return Vec::new();
+        }
+        let source = self.publisher().map_or("", Publisher::source);
+        envelopes
+            .iter()
+            .map(|e| Event::task(EventKind::Sent, source, e))
+            .collect()
     }
 
     /// The broker.
@@ -134,7 +215,13 @@ impl Stem {
     /// A validation or broker error (the broker validates: once, where the
     /// envelope is stored).
     pub async fn publish(&self, envelope: Envelope) -> Result<Published, StemError> {
-        Ok(self.inner.broker.publish(envelope).await?)
+        if self.inner.events.is_none() {
+            return Ok(self.inner.broker.publish(envelope).await?);
+        }
+        let sent = self.sent_events(std::slice::from_ref(&envelope));
+        let published = self.inner.broker.publish(envelope).await?;
+        self.announce(sent, std::slice::from_ref(&published));
+        Ok(published)
     }
 
     /// Publishes many envelopes in one broker call.
@@ -145,7 +232,10 @@ impl Stem {
         &self,
         envelopes: Vec<Envelope>,
     ) -> Result<Vec<Published>, StemError> {
-        Ok(self.inner.broker.publish_many(envelopes).await?)
+        let sent = self.sent_events(&envelopes);
+        let published = self.inner.broker.publish_many(envelopes).await?;
+        self.announce(sent, &published);
+        Ok(published)
     }
 
     /// Publishes envelopes inside the caller's own open transaction, so
@@ -195,6 +285,69 @@ impl Stem {
         rec.ttl = DEFAULT_REVOKE_TTL;
         backend.store(rec).await?;
         Ok(())
+    }
+
+    /// Moves dead letters of `queue` back to it (B7) after forgetting
+    /// their tasks' records (R8), so each replayed task records its new
+    /// run instead of keeping the terminal record of its old one. Use this
+    /// rather than [`DeadLetters::replay`](crate::DeadLetters::replay)
+    /// alone whenever the client has a result backend. (With
+    /// [`Replay::All`](crate::broker::Replay::All), a task dead-lettered between the listing and the
+    /// replay is replayed with its old record kept.)
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), stem_core::StemError> {
+    /// let stem = stem_core::connect("memory://replay-doc").await?;
+    /// assert_eq!(stem.replay_dead_letters("default", stem_core::Replay::All, false).await?, 0);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// `Unsupported` when the broker has no dead-letter administration, or
+    /// a broker or backend error (nothing is replayed when forgetting
+    /// fails).
+    pub async fn replay_dead_letters(
+        &self,
+        queue: &str,
+        which: crate::broker::Replay,
+        reset_attempts: bool,
+    ) -> Result<u64, StemError> {
+        let dead = self
+            .inner
+            .broker
+            .dead_letters()
+            .ok_or(BrokerError::Unsupported {
+                adapter: "this broker",
+                operation: "dead-letter replay",
+                hint: "use an adapter with DeadLetters (memory, sqlite, redis, postgres)",
+            })?;
+        if let Some(backend) = self.backend() {
+            let ids = match which {
+                crate::broker::Replay::One(id) => vec![id],
+                crate::broker::Replay::All => {
+                    let mut ids = Vec::new();
+                    let mut cursor: Option<String> = None;
+                    loop {
+                        let page = dead.list(queue, cursor.as_deref(), 500).await?;
+                        ids.extend(
+                            page.items
+                                .iter()
+                                .filter(|d| d.envelope.is_some())
+                                .map(|d| d.id),
+                        );
+                        match page.next {
+                            Some(next) => cursor = Some(next),
+                            None => break,
+                        }
+                    }
+                    ids
+                }
+            };
+            for chunk in ids.chunks(1000) {
+                backend.forget(chunk).await?;
+            }
+        }
+        Ok(dead.replay(queue, which, reset_attempts).await?)
     }
 
     /// A task's current state; `Pending` when nothing is recorded yet.
@@ -327,11 +480,13 @@ pub async fn connect_with(
         }
         None => None,
     };
+    let events = crate::events::events_from_env()?;
     Ok(Stem {
         inner: Arc::new(Inner {
             broker,
             backend,
             namespace: namespace.to_owned(),
+            events: events.then(OnceLock::new),
         }),
     })
 }

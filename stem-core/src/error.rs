@@ -331,6 +331,38 @@ pub enum StemError {
         "this client has no result backend: set STEM_RESULT_BACKEND_URL or use a broker URL whose adapter also stores results"
     )]
     NoResultBackend,
+    /// The operation needs the broker's broadcast channel (the control
+    /// plane, task events) and the broker has none.
+    #[error(
+        "the broker {adapter} has no broadcast channel: the control plane and task events need one (the memory, SQLite, Redis and Postgres adapters have it)"
+    )]
+    NoBroadcast {
+        /// The broker, redacted.
+        adapter: String,
+    },
+    /// [`Stem::enqueue_by_name`](crate::Stem::enqueue_by_name) was given a
+    /// name that neither this binary nor any live worker knows.
+    #[error(
+        "unknown task `{name}`: it is not linked into this program and no live worker advertises it{known}; check the name, start a worker that runs it, or give the queue explicitly (`--queue`, `EnqueueOptions::queue`)"
+    )]
+    UnknownTask {
+        /// The name asked for.
+        name: String,
+        /// `" (known: a, b)"`, or empty.
+        known: String,
+    },
+    /// Arguments given by name do not decode into the task's `Args`.
+    #[error(
+        "arguments for task `{name}` do not decode as `{args_type}`: {reason}; pass a JSON object with one field per task parameter, e.g. {{\"to\": \"a@example.com\"}}"
+    )]
+    BadArgs {
+        /// The task.
+        name: String,
+        /// Its `Args` type.
+        args_type: String,
+        /// serde's message.
+        reason: String,
+    },
 }
 
 impl std::fmt::Debug for StemError {

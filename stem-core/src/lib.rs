@@ -22,12 +22,15 @@
 pub mod backend;
 pub mod broker;
 pub mod builder;
+pub mod by_name;
 pub mod client;
 pub mod clock;
 pub mod context;
+pub mod control;
 pub mod duration;
 pub mod envelope;
 pub mod error;
+pub mod events;
 pub mod handle;
 #[cfg(feature = "kit")]
 pub mod kit;
@@ -39,8 +42,8 @@ pub mod url;
 pub mod worker;
 
 pub use backend::{
-    FailureKind, GroupSpec, GroupStatus, ResultBackend, TaskFailure, TaskRecord, TaskState,
-    WorkerHeartbeat, WorkerStatus,
+    AdvertisedTask, FailureKind, GroupSpec, GroupStatus, ResultBackend, TaskFailure, TaskRecord,
+    TaskState, WorkerHeartbeat, WorkerStatus,
 };
 pub use broker::{
     Broadcast, BroadcastMessage, BroadcastStream, Broker, Capabilities, DeadLetter, DeadLetterPage,

@@ -67,6 +67,9 @@ impl HandlerError {
     }
 }
 
+/// Decodes JSON arguments as a task's `Args` and drops them.
+pub type ArgsCheckFn = fn(&RawValue) -> Result<(), DecodeError>;
+
 /// Arguments that did not decode into the task's `Args`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("arguments do not decode as `{args_type}`: {reason}")]
@@ -103,6 +106,9 @@ pub struct TaskEntry {
     pub states: &'static [StateRequirement],
     /// The handler.
     pub handler: HandlerFn,
+    /// Checks that JSON arguments decode into the task's `Args`, without
+    /// running anything ([`Stem::enqueue_by_name`](crate::Stem::enqueue_by_name)).
+    pub check_args: ArgsCheckFn,
 }
 
 impl TaskEntry {

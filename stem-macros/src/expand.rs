@@ -415,6 +415,11 @@ impl<'a> Gen<'a> {
                             use #p::NoHandler as _;
                             <#p::HandlerOf<Task>>::HANDLER
                         },
+                        check_args: {
+                            #[allow(unused_imports)]
+                            use #p::NoHandler as _;
+                            <#p::HandlerOf<Task>>::CHECK_ARGS
+                        },
                     }
                 }
             }
@@ -532,6 +537,12 @@ impl<'a> Gen<'a> {
                     #p::link_adapters();
                     let Args { #(#idents),* } = #p::decode_args::<Args>(__stem_raw)?;
                     ::core::result::Result::Ok(#boxed)
+                }
+
+                fn check_args(
+                    __stem_raw: &#p::RawValue,
+                ) -> ::core::result::Result<(), #p::DecodeError> {
+                    #p::decode_args::<Args>(__stem_raw).map(|_: Args| ())
                 }
             }
         }

@@ -86,18 +86,18 @@
 // Explicit re-exports (axum's habit): what the facade promises is listed
 // here, and an item added to the core is public here only when added.
 pub use stem_core::{
-    BackendError, Backoff, Broadcast, BroadcastMessage, BroadcastStream, Broker, BrokerError,
-    Capabilities, Cause, ConfigError, Context, DeadLetter, DeadLetterPage, DeadLetters, Delivery,
-    DeliveryMode, Disposition, EnqueueOptions, Envelope, EnvelopeError, FailureKind, Fatal,
-    FetchRequest, GroupSpec, GroupStatus, LeaseModel, Limits, Published, QueueAdmin, QueueStats,
-    QueueSummary, RateLimit, Receipt, ReceiptHandle, Replay, ResultBackend, Retry, Settlement,
-    Signature, State, StateMap, Stem, StemError, Task, TaskBuilder, TaskError, TaskFailure,
-    TaskHandle, TaskId, TaskOptions, TaskRecord, TaskState, Unique, UniqueRelease, WorkerHeartbeat,
-    WorkerStatus, connect, connect_with,
+    AdvertisedTask, BackendError, Backoff, Broadcast, BroadcastMessage, BroadcastStream, Broker,
+    BrokerError, Capabilities, Cause, ConfigError, Context, DeadLetter, DeadLetterPage,
+    DeadLetters, Delivery, DeliveryMode, Disposition, EnqueueOptions, Envelope, EnvelopeError,
+    FailureKind, Fatal, FetchRequest, GroupSpec, GroupStatus, LeaseModel, Limits, Published,
+    QueueAdmin, QueueStats, QueueSummary, RateLimit, Receipt, ReceiptHandle, Replay, ResultBackend,
+    Retry, Settlement, Signature, State, StateMap, Stem, StemError, Task, TaskBuilder, TaskError,
+    TaskFailure, TaskHandle, TaskId, TaskOptions, TaskRecord, TaskState, Unique, UniqueRelease,
+    WorkerHeartbeat, WorkerStatus, connect, connect_with,
 };
 pub use stem_core::{
-    backend, broker, builder, client, context, duration, envelope, error, handle, memory, registry,
-    retry, task, url, worker,
+    backend, broker, builder, by_name, client, context, control, duration, envelope, error, events,
+    handle, memory, registry, retry, task, url, worker,
 };
 pub use stem_macros::task;
 

@@ -92,6 +92,10 @@ impl ResultBackend for Flaky {
         self.inner.workers().await
     }
 
+    async fn forget(&self, ids: &[TaskId]) -> Result<u64, BackendError> {
+        self.inner.forget(ids).await
+    }
+
     async fn revoke(&self, id: TaskId, ttl: Duration) -> Result<(), BackendError> {
         self.inner.revoke(id, ttl).await
     }

@@ -146,6 +146,7 @@ fn one_flag(flag: &str, value: &str) -> WorkerArgs {
         worker_id: None,
         unknown_task_grace: None,
         long_task_warning: None,
+        events: false,
     };
     let slot = match flag {
         "--concurrency" => &mut args.concurrency,

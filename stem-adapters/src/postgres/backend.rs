@@ -149,6 +149,7 @@ struct Sql {
     workers: String,
     revoke: String,
     revoked: String,
+    forget: String,
     maintain: [String; 4],
 }
 
@@ -238,6 +239,7 @@ impl Sql {
                  VALUES ($1::uuid, now() + $2::int8 * interval '1 millisecond') \
                  ON CONFLICT (id) DO UPDATE SET expires_at = EXCLUDED.expires_at"
             ),
+            forget: format!("DELETE FROM {q}.results WHERE id = ANY($1::uuid[])"),
             revoked: format!(
                 "SELECT r.id IS NOT NULL FROM unnest($1::uuid[]) WITH ORDINALITY AS u(id, ord) \
                  LEFT JOIN {q}.revoked r ON r.id = u.id AND r.expires_at > now() \
@@ -648,6 +650,19 @@ impl ResultBackend for PostgresBackend {
             .await
             .map_err(|e| self.err("revoke", e))?;
         Ok(())
+    }
+
+    async fn forget(&self, ids: &[TaskId]) -> Result<u64, BackendError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let uuids: Vec<Uuid> = ids.iter().map(|id| *id.as_uuid()).collect();
+        let done = sqlx::query(AssertSqlSafe(self.sql.forget.as_str()))
+            .bind(uuids)
+            .execute(&self.client.pool)
+            .await
+            .map_err(|e| self.err("forget", e))?;
+        Ok(done.rows_affected())
     }
 
     async fn revoked(&self, ids: &[TaskId]) -> Result<Vec<bool>, BackendError> {

@@ -789,6 +789,33 @@ impl ResultBackend for RedisBackend {
         Ok(())
     }
 
+    async fn forget(&self, ids: &[TaskId]) -> Result<u64, BackendError> {
+        let mut forgotten = 0;
+        for chunk in ids.chunks(CHUNK) {
+            // One key per command: records of a cluster live in many slots.
+            let cmds: Vec<redis::Cmd> = chunk
+                .iter()
+                .map(|id| {
+                    let mut c = redis::cmd("DEL");
+                    c.arg(self.keys.record(*id));
+                    c
+                })
+                .collect();
+            let got = self
+                .conn
+                .each(&cmds)
+                .await
+                .map_err(|e| self.err("forgetting records", e))?;
+            for r in got {
+                let n: u64 = r
+                    .and_then(|v| Ok(redis::from_redis_value(v)?))
+                    .map_err(|e| self.err("forgetting records", e))?;
+                forgotten += n;
+            }
+        }
+        Ok(forgotten)
+    }
+
     async fn revoked(&self, ids: &[TaskId]) -> Result<Vec<bool>, BackendError> {
         if ids.is_empty() {
             return Ok(Vec::new());

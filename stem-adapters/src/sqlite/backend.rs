@@ -470,6 +470,23 @@ impl ResultBackend for SqliteBackend {
         .await
     }
 
+    async fn forget(&self, ids: &[TaskId]) -> Result<u64, BackendError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ns = self.ns.clone();
+        let json = ids_json(ids);
+        self.write(move |c| {
+            let n = c
+                .prepare_cached(
+                    "DELETE FROM stem_results WHERE ns = ?1 AND id IN (SELECT value FROM json_each(?2))",
+                )?
+                .execute(params![ns, json])?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
     async fn revoked(&self, ids: &[TaskId]) -> Result<Vec<bool>, BackendError> {
         let clock = self.opts.clock;
         if ids.is_empty() {

@@ -640,6 +640,13 @@ pub(super) fn heartbeat(worker: &str, interval: Duration) -> WorkerHeartbeat {
         active: 3,
         at: Utc::now(),
         interval,
+        tasks: vec![crate::backend::AdvertisedTask {
+            name: String::from("kit::send_email"),
+            queue: String::from("emails"),
+            priority: 3,
+            retries: 5,
+        }],
+        events: true,
     }
 }
 
@@ -850,6 +857,52 @@ pub async fn r7_revocation(f: &dyn AdapterFactory) {
             b.revoked(&[ids[0]]).await.expect("revoked"),
             [true],
             "a long revocation is still remembered"
+        );
+    })
+    .await;
+}
+
+/// R8: `forget` deletes the records of the ids given (and only those),
+/// answers how many existed, and lets a forgotten task record again from
+/// the start, as a replayed dead letter's new run must.
+pub async fn r8_forget(f: &dyn AdapterFactory) {
+    let o = KitOptions::new(f.name(), "r8");
+    guarded(f, &[&o], async {
+        let b = f.backend(&o).await;
+        let other = f.backend(&o).await;
+        let failed = TaskState::Failed {
+            error: failure("kit failure", FailureKind::Error),
+        };
+        let ids: Vec<TaskId> = (0..5).map(|_| TaskId::new()).collect();
+        for id in &ids {
+            assert!(store(&*b, record(*id, failed.clone(), 1)).await);
+        }
+        let never = TaskId::new();
+        assert_eq!(
+            other
+                .forget(&[ids[0], ids[2], never])
+                .await
+                .expect("forget"),
+            2,
+            "how many records existed"
+        );
+        assert!(get(&*b, ids[0]).await.is_none(), "forgotten");
+        assert!(get(&*b, ids[2]).await.is_none(), "forgotten");
+        assert!(get(&*b, ids[1]).await.is_some(), "the others stay");
+        assert_eq!(b.forget(&[]).await.expect("forget nothing"), 0);
+        // A forgotten task starts again: its new run's records are taken,
+        // where the terminal record refused them before (R1).
+        assert!(
+            !store(&*b, record(ids[1], TaskState::Started, 2)).await,
+            "a terminal record refuses a later run's"
+        );
+        assert!(store(&*b, record(ids[0], TaskState::Started, 1)).await);
+        assert!(store(&*b, record(ids[0], succeeded("7"), 1)).await);
+        let rec = get(&*b, ids[0]).await.expect("recorded again");
+        assert!(
+            matches!(rec.state, TaskState::Succeeded { .. }),
+            "{:?}",
+            rec.state
         );
     })
     .await;

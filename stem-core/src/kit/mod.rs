@@ -538,6 +538,7 @@ macro_rules! conformance_tests {
             backend::r5_chord_waits_for_terminal_members,
             backend::r6_heartbeats,
             backend::r7_revocation,
+            backend::r8_forget,
             races::b03_race_two_consumers,
             races::b04_race_expiry_vs_late_ack,
             races::b17_race_unique_publish,

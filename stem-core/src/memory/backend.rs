@@ -292,6 +292,14 @@ impl ResultBackend for InMemoryBackend {
         Ok(())
     }
 
+    async fn forget(&self, ids: &[TaskId]) -> Result<u64, BackendError> {
+        let mut st = self.core.lock();
+        Ok(ids
+            .iter()
+            .filter(|id| st.records.remove(id).is_some())
+            .count() as u64)
+    }
+
     async fn revoked(&self, ids: &[TaskId]) -> Result<Vec<bool>, BackendError> {
         let now = Utc::now();
         let st = self.core.lock();

@@ -40,6 +40,9 @@ pub struct WorkerConfig {
     /// How long a task without a time limit runs before the worker logs a
     /// warning about it (once per run). Default 10 minutes.
     pub long_task_warning: Duration,
+    /// Send task events (`started`, `succeeded`, ...) and worker events
+    /// on the namespace's event channel (`STEM_EVENTS`; default off).
+    pub events: bool,
 }
 
 impl Default for WorkerConfig {
@@ -59,6 +62,7 @@ impl Default for WorkerConfig {
             worker_id: default_worker_id(),
             unknown_task_grace: DEFAULT_UNKNOWN_TASK_GRACE,
             long_task_warning: DEFAULT_LONG_TASK_WARNING,
+            events: false,
         }
     }
 }
@@ -156,6 +160,10 @@ pub struct WorkerArgs {
     /// warning about it, e.g. `10m` (variable `STEM_LONG_TASK_WARNING`).
     #[cfg_attr(feature = "cli", arg(long))]
     pub long_task_warning: Option<String>,
+    /// Send task and worker events for monitors such as `stem events`
+    /// (variable `STEM_EVENTS=1`).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub events: bool,
 }
 
 impl WorkerArgs {
@@ -185,6 +193,7 @@ impl WorkerArgs {
             "STEM_WORKER_ID" => self.worker_id.clone(),
             "STEM_UNKNOWN_TASK_GRACE" => self.unknown_task_grace.clone(),
             "STEM_LONG_TASK_WARNING" => self.long_task_warning.clone(),
+            "STEM_EVENTS" => self.events.then(|| String::from("1")),
             _ => None,
         })
     }
@@ -255,9 +264,10 @@ pub(crate) const LONG_TASK_WARNING: Key = key(
     "--long-task-warning",
     "long_task_warning",
 );
+pub(crate) const EVENTS: Key = key("STEM_EVENTS", "--events", "events");
 
 /// Every setting, in the order they are read.
-const KEYS: [Key; 10] = [
+const KEYS: [Key; 11] = [
     QUEUES,
     CONCURRENCY,
     PREFETCH,
@@ -268,6 +278,7 @@ const KEYS: [Key; 10] = [
     WORKER_ID,
     UNKNOWN_TASK_GRACE,
     LONG_TASK_WARNING,
+    EVENTS,
 ];
 
 /// A value and where it came from; `None` when not given.
@@ -288,6 +299,7 @@ pub(crate) struct Settings {
     pub(crate) worker_id: Given<String>,
     pub(crate) unknown_task_grace: Given<Duration>,
     pub(crate) long_task_warning: Given<Duration>,
+    pub(crate) events: Given<bool>,
 }
 
 impl Settings {
@@ -304,6 +316,7 @@ impl Settings {
             worker_id: Some((config.worker_id.clone(), source)),
             unknown_task_grace: Some((config.unknown_task_grace, source)),
             long_task_warning: Some((config.long_task_warning, source)),
+            events: Some((config.events, source)),
         }
     }
 
@@ -350,6 +363,16 @@ impl Settings {
                 "STEM_HEARTBEAT_INTERVAL" => out.heartbeat_interval = duration()?,
                 "STEM_UNKNOWN_TASK_GRACE" => out.unknown_task_grace = duration()?,
                 "STEM_LONG_TASK_WARNING" => out.long_task_warning = duration()?,
+                "STEM_EVENTS" => {
+                    let on = crate::events::parse_switch(raw).ok_or_else(|| {
+                        key.bad(
+                            source,
+                            raw.to_owned(),
+                            "expected 1/true/yes/on or 0/false/no/off",
+                        )
+                    })?;
+                    out.events = Some((on, source));
+                }
                 _ => out.worker_id = Some((raw.to_owned(), source)),
             }
         }
@@ -382,6 +405,7 @@ impl Settings {
             worker_id: top.worker_id.or(self.worker_id),
             unknown_task_grace: top.unknown_task_grace.or(self.unknown_task_grace),
             long_task_warning: top.long_task_warning.or(self.long_task_warning),
+            events: top.events.or(self.events),
         }
     }
 
@@ -464,6 +488,9 @@ impl Settings {
         }
         if let Some((d, _)) = self.long_task_warning {
             config.long_task_warning = d;
+        }
+        if let Some((on, _)) = self.events {
+            config.events = on;
         }
         if config.prefetch < config.concurrency {
             let src = self

@@ -106,6 +106,27 @@ impl Dispatch {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Deliveries waiting for a slot.
+    pub(crate) fn queued_len(&self) -> usize {
+        self.queue().len()
+    }
+
+    /// The deliveries waiting for a slot, for `inspect reserved`.
+    pub(crate) fn queued_infos(&self) -> Vec<crate::control::TaskInfo> {
+        self.queue()
+            .iter()
+            .map(|q| {
+                let env = q.ctx.envelope();
+                super::live::info(env, None, env.attempt + 1)
+            })
+            .collect()
+    }
+
+    /// Whether a delivery of task `id` waits for a slot.
+    pub(crate) fn holds(&self, id: crate::envelope::TaskId) -> bool {
+        self.queue().iter().any(|q| q.ctx.envelope().id == id)
+    }
+
     /// The free count worth gathering before a claim when busy.
     pub(crate) fn batch(&self) -> usize {
         self.batch

@@ -22,6 +22,7 @@ use crate::broker::{Disposition, Receipt};
 use crate::context::Context;
 use crate::envelope::Envelope;
 use crate::error::BrokerError;
+use crate::events::EventKind;
 use crate::registry::{HandlerError, HandlerResult, TaskEntry};
 use crate::retry::RetryDirective;
 use crate::task::DeliveryMode;
@@ -75,11 +76,36 @@ pub(crate) async fn slot(rt: Arc<Runtime>) {
         // From shutdown on, nothing new starts: it goes back to the queue.
         if rt.dispatch.is_aborted() || rt.stop.is_cancelled() {
             rt.release(ctx.owned_receipt(), Duration::ZERO);
+        } else if rt.live.is_revoked(ctx.envelope().id) {
+            revoked_before_start(&rt, &ctx);
         } else if let Some(renewed) = lease::still_leased(&rt, &ctx, renewed).await {
             execute(&rt, ctx, renewed).await;
         }
         rt.dispatch.finished();
     }
+}
+
+/// A delivery revoked over the control plane while it waited for a slot:
+/// acked without running, recorded `Revoked`.
+fn revoked_before_start(rt: &Runtime, ctx: &Context) {
+    let envelope = ctx.envelope();
+    task_event!(
+        INFO,
+        envelope,
+        envelope.attempt + 1,
+        "task revoked before it started; skipped"
+    );
+    rt.event(|p| p.task(EventKind::Revoked, envelope));
+    let record = record(rt, envelope, envelope.attempt, Utc::now(), || {
+        TaskState::Revoked
+    });
+    complete(
+        rt,
+        Some((ctx.owned_receipt(), Disposition::Ack)),
+        record,
+        envelope,
+        Count::Revoked,
+    );
 }
 
 async fn execute(rt: &Runtime, ctx: Context, renewed: Instant) {
@@ -120,6 +146,11 @@ async fn run_delivery(rt: &Runtime, ctx: Context, renewed: Instant) {
                 kind: FailureKind::Expired,
             };
             TaskState::Failed { error: failure }
+        });
+        rt.event(|p| {
+            let mut e = p.task(EventKind::Failed, envelope);
+            e.error = Some(String::from("expired before a worker ran it"));
+            e
         });
         complete(
             rt,
@@ -185,8 +216,14 @@ async fn run_delivery(rt: &Runtime, ctx: Context, renewed: Instant) {
     }
     let attempt = envelope.attempt + 1;
     rt.counters.started.fetch_add(1, Ordering::Relaxed);
-    let clock = tracing::enabled!(target: TASK, tracing::Level::INFO).then(Instant::now);
+    let clock = (rt.events.is_some() || tracing::enabled!(target: TASK, tracing::Level::INFO))
+        .then(Instant::now);
     task_event!(INFO, envelope, attempt, "task started");
+    rt.event(|p| {
+        let mut e = p.task(EventKind::Started, envelope);
+        e.attempt = Some(attempt);
+        e
+    });
     if let Some(started) = record(rt, envelope, attempt, started_at, || TaskState::Started) {
         rt.complete(Completion::record(started));
     }
@@ -223,6 +260,12 @@ async fn run_delivery(rt: &Runtime, ctx: Context, renewed: Instant) {
                 duration_ms = elapsed_ms(clock),
                 "task succeeded"
             );
+            rt.event(|p| {
+                let mut e = p.task(EventKind::Succeeded, envelope);
+                e.attempt = Some(attempt);
+                e.duration_ms = elapsed_ms(clock);
+                e
+            });
             let settle = settle_receipt.map(|r| (r, Disposition::Ack));
             complete(rt, settle, record, envelope, Count::Succeeded);
         }
@@ -309,6 +352,11 @@ async fn run_delivery(rt: &Runtime, ctx: Context, renewed: Instant) {
                 attempt,
                 "task revoked while running; its context is cancelled and it is acked"
             );
+            rt.event(|p| {
+                let mut e = p.task(EventKind::Revoked, envelope);
+                e.attempt = Some(attempt);
+                e
+            });
             let record = record(rt, envelope, attempt, started_at, || TaskState::Revoked);
             let settle = settle_receipt.map(|r| (r, Disposition::Ack));
             complete(rt, settle, record, envelope, Count::Revoked);
@@ -418,6 +466,9 @@ async fn run_with_lease(
     if let Poll::Ready(r) = futures::poll!(timed.as_mut()) {
         return finished(r);
     }
+    // Listed for `inspect active` and stoppable by `revoke --terminate`
+    // from here on (a task done at its first poll is neither).
+    let running = rt.live.start(ctx.envelope(), ctx.attempt());
     // The first renewal is due a period after the last one (the claim or
     // the queue keeper's), not after the start.
     let period = lease::renew_period(lease);
@@ -433,6 +484,7 @@ async fn run_with_lease(
             biased;
             () = rt.abort.cancelled() => return Outcome::Aborted,
             r = &mut timed => return finished(r),
+            () = running.stop.cancelled() => return Outcome::Revoked,
             () = &mut long, if warn_long => {
                 warn_long = false;
                 task_event!(
@@ -450,8 +502,9 @@ async fn run_with_lease(
                     Err(e) => tracing::warn!(error = %e, "could not extend lease; will retry"),
                 }
                 // Revocation is learned where the lease is renewed: one
-                // look-up per renewal period, only for a task still running.
-                if revoked(rt, receipt).await {
+                // look-up per renewal period, only for a task still running
+                // (or at once, from the control plane, with `terminate`).
+                if rt.live.is_revoked(receipt.task_id) || revoked(rt, receipt).await {
                     return Outcome::Revoked;
                 }
             }
@@ -506,6 +559,12 @@ fn fail(
             duration_ms = elapsed_ms(clock),
             "task failed; at-most-once, not retried"
         );
+        rt.event(|p| {
+            let mut e = p.task(EventKind::Failed, envelope);
+            e.attempt = Some(attempt);
+            e.error = Some(failure.to_string());
+            e
+        });
         let record = record(rt, envelope, attempt, started_at, || TaskState::Failed {
             error: failure,
         });
@@ -532,6 +591,13 @@ fn fail(
                 duration_ms = elapsed_ms(clock),
                 "task failed; retrying"
             );
+            rt.event(|p| {
+                let mut e = p.task(EventKind::Retried, envelope);
+                e.attempt = Some(attempt);
+                e.error = Some(error_text.clone());
+                e.next_at = Some(next_at);
+                e
+            });
             let record = record(rt, envelope, attempt, started_at, || TaskState::Retrying {
                 next_at,
                 error: failure,
@@ -566,6 +632,17 @@ fn fail(
                 duration_ms = elapsed_ms(clock),
                 "task failed; dead-lettered"
             );
+            if let Some(p) = &rt.events {
+                let mut e = p.task(EventKind::Failed, envelope);
+                e.attempt = Some(attempt);
+                e.error = Some(error_text.clone());
+                e.duration_ms = elapsed_ms(clock);
+                p.emit(e);
+                let mut e = p.task(EventKind::DeadLettered, envelope);
+                e.attempt = Some(attempt);
+                e.reason = Some(reason.clone());
+                p.emit(e);
+            }
             let record = record(rt, envelope, attempt, started_at, || TaskState::Failed {
                 error: failure,
             });
@@ -598,6 +675,11 @@ fn dead_letter_now(
     kind: FailureKind,
     type_name: &str,
 ) {
+    rt.event(|p| {
+        let mut e = p.task(EventKind::DeadLettered, envelope);
+        e.reason = Some(reason.clone());
+        e
+    });
     let record = record(rt, envelope, envelope.attempt + 1, started_at, || {
         let failure = TaskFailure {
             message: reason.clone(),

@@ -49,7 +49,34 @@ async fn fetch_loop(rt: &Runtime) {
         wait: rt.config.poll_interval,
         consumer: rt.config.worker_id.clone(),
     };
+    // Queues paused over the control plane are left out of the claims; a
+    // change drops a fetch that waits, so it takes effect at once.
+    let mut paused = rt.live.watch_paused();
+    let mut queues_changed = false;
     loop {
+        if std::mem::take(&mut queues_changed) {
+            let now_paused = paused.borrow_and_update().clone();
+            req.queues = rt
+                .config
+                .queues
+                .iter()
+                .filter(|q| !now_paused.contains(*q))
+                .cloned()
+                .collect();
+        }
+        if req.queues.is_empty() {
+            tokio::select! {
+                biased;
+                () = rt.stop.cancelled() => return,
+                r = paused.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    queues_changed = true;
+                }
+            }
+            continue;
+        }
         let mut free = dispatch.free();
         if free == 0 {
             tokio::select! {
@@ -95,6 +122,13 @@ async fn fetch_loop(rt: &Runtime) {
             biased;
             r = rt.broker.fetch(&req) => r,
             () = rt.stop.cancelled() => return,
+            r = paused.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                queues_changed = true;
+                continue;
+            }
         };
         let mut deliveries = match fetched {
             Ok(d) => {
@@ -144,6 +178,11 @@ async fn fetch_loop(rt: &Runtime) {
             }
             deliveries = run;
         }
+        if let Some(p) = &rt.events {
+            for d in &deliveries {
+                p.emit(p.task(crate::events::EventKind::Received, &d.envelope));
+            }
+        }
         dispatch.push(
             deliveries
                 .into_iter()
@@ -184,6 +223,7 @@ async fn revoked_flags(rt: &Runtime, deliveries: &[Delivery]) -> Vec<bool> {
 
 fn skip_revoked(rt: &Runtime, delivery: Delivery) {
     tracing::info!(task_id = %delivery.envelope.id, task = %delivery.envelope.name, "task revoked; skipped");
+    rt.event(|p| p.task(crate::events::EventKind::Revoked, &delivery.envelope));
     let Delivery {
         envelope, receipt, ..
     } = delivery;

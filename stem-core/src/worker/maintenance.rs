@@ -48,6 +48,7 @@ pub(crate) async fn run(rt: Arc<Runtime>) {
 }
 
 async fn heartbeat(rt: &Runtime, host: &str) {
+    rt.event(|p| super::supervisor::worker_event(rt, p, crate::events::EventKind::WorkerHeartbeat));
     let Some(backend) = &rt.backend else {
         return;
     };
@@ -60,6 +61,8 @@ async fn heartbeat(rt: &Runtime, host: &str) {
         active: rt.dispatch.in_flight(),
         at: Utc::now(),
         interval: rt.config.heartbeat_interval,
+        tasks: rt.advertised.clone(),
+        events: rt.events.is_some(),
     };
     if let Err(e) = backend.heartbeat(hb).await {
         tracing::warn!(error = %e, "could not record heartbeat");

@@ -36,11 +36,13 @@ mod failpoint;
 
 mod completer;
 mod config;
+mod control;
 mod dispatch;
 mod executor;
 mod fetcher;
 mod groups;
 mod lease;
+mod live;
 mod maintenance;
 mod rate;
 mod shutdown;
@@ -159,6 +161,14 @@ impl Runtime {
 }
 
 impl Counters {
+    /// Attempts finished, whatever their outcome.
+    pub(crate) fn processed(&self) -> u64 {
+        self.succeeded.load(Ordering::Relaxed)
+            + self.retried.load(Ordering::Relaxed)
+            + self.failed.load(Ordering::Relaxed)
+            + self.dead_lettered.load(Ordering::Relaxed)
+    }
+
     fn report(&self) -> WorkerReport {
         WorkerReport {
             started: self.started.load(Ordering::Relaxed),
@@ -202,6 +212,26 @@ pub(crate) struct Runtime {
     pub(crate) fatal: Arc<std::sync::OnceLock<String>>,
     /// Task names this worker does not know and has warned about once.
     pub(crate) unknown_warned: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Running tasks, revoked ids, paused queues (the control plane's).
+    pub(crate) live: live::Live,
+    /// Task and worker events, when on.
+    pub(crate) events: Option<crate::events::Publisher>,
+    /// When the worker started.
+    pub(crate) started: std::time::Instant,
+    /// The tasks this binary runs, as heartbeats advertise them.
+    pub(crate) advertised: Vec<crate::backend::AdvertisedTask>,
+}
+
+impl Runtime {
+    /// Queues an event when events are on; `make` runs only then.
+    pub(crate) fn event(
+        &self,
+        make: impl FnOnce(&crate::events::Publisher) -> crate::events::Event,
+    ) {
+        if let Some(p) = &self.events {
+            p.emit(make(p));
+        }
+    }
 }
 
 /// Builds a [`Worker`].
@@ -304,6 +334,13 @@ impl WorkerBuilder {
         self
     }
 
+    /// Sends task and worker events (`STEM_EVENTS`, flag `--events`).
+    #[must_use]
+    pub fn events(mut self, on: bool) -> Self {
+        self.settings.events = Some((on, config::Source::Builder));
+        self
+    }
+
     /// Heartbeat interval.
     #[must_use]
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
@@ -345,6 +382,11 @@ impl WorkerBuilder {
             Some(c) => c,
             None => Stem::default_client().await?,
         };
+        if config.events && client.broker().broadcast().is_none() {
+            return Err(WorkerError::Stem(StemError::NoBroadcast {
+                adapter: client.broker().describe(),
+            }));
+        }
         if config.queues.is_empty() {
             let set: BTreeSet<&str> = tasks.values().map(|t| t.options.queue).collect();
             config.queues = set.into_iter().map(str::to_owned).collect();
@@ -398,6 +440,22 @@ impl Worker {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut names: Vec<&str> = self.tasks.keys().copied().collect();
         names.sort_unstable();
+        let advertised = names
+            .iter()
+            .filter_map(|n| self.tasks.get(n))
+            .map(|t| crate::backend::AdvertisedTask {
+                name: t.name.to_owned(),
+                queue: t.options.queue.to_owned(),
+                priority: t.options.priority,
+                retries: t.options.retries,
+            })
+            .collect();
+        let events = self.config.events.then(|| {
+            crate::events::Publisher::start(
+                Arc::clone(self.client.broker()),
+                &self.config.worker_id,
+            )
+        });
         let worker_id: Arc<str> = Arc::from(self.config.worker_id.as_str());
         let (concurrency, prefetch) = (self.config.concurrency, self.config.prefetch);
         let abort = CancellationToken::new();
@@ -428,6 +486,10 @@ impl Worker {
             tracker: TaskTracker::new(),
             counters: Arc::new(Counters::default()),
             unknown_warned: std::sync::Mutex::new(std::collections::HashSet::new()),
+            live: live::Live::default(),
+            events,
+            started: std::time::Instant::now(),
+            advertised,
         });
         // The executor slots start now, so the fetcher's first claim is
         // not held up by starting them.

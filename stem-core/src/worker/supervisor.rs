@@ -10,7 +10,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::completer::{self, Completion};
-use super::{Runtime, WorkerReport, fetcher, lease, maintenance};
+use super::{Runtime, WorkerReport, control, fetcher, lease, maintenance};
+use crate::events::EventKind;
 
 /// Runs the worker until it is stopped; returns its counts.
 pub(crate) async fn supervise(
@@ -37,6 +38,12 @@ pub(crate) async fn supervise(
         },
         rx,
     ));
+    // Listening before the first claim, so a command sent once the worker
+    // is seen (its heartbeat, a first task) is heard.
+    let control = control::subscribe(&rt)
+        .await
+        .map(|commands| tokio::spawn(control::run(Arc::clone(&rt), commands)));
+    rt.event(|p| worker_event(&rt, p, EventKind::WorkerOnline));
     let maintenance = tokio::spawn(maintenance::run(Arc::clone(&rt)));
     let fetcher = tokio::spawn(fetcher::run(Arc::clone(&rt)));
     let keeper = tokio::spawn(lease::keep_queued(Arc::clone(&rt)));
@@ -72,11 +79,21 @@ pub(crate) async fn supervise(
     if let Err(e) = maintenance.await {
         tracing::error!(error = %e, "maintenance ended abnormally");
     }
+    if let Some(c) = control {
+        c.abort();
+    }
     // Every executor is done: close the completer's channel and let it drain.
     let counters = Arc::clone(&rt.counters);
+    let events = rt.events.clone();
     drop(rt);
     if let Err(e) = completer.await {
         tracing::error!(error = %e, "completer ended abnormally");
+    }
+    if let Some(p) = &events {
+        let mut e = p.task_free(EventKind::WorkerOffline);
+        e.processed = Some(counters.processed());
+        p.emit(e);
+        p.flush().await;
     }
     let report = counters.report();
     tracing::info!(?report, "worker stopped");
@@ -103,4 +120,16 @@ async fn abandon_stuck_threads(rt: &Runtime) {
             "blocking task still running after it was cancelled: its thread is abandoned (check ctx.is_cancelled() in its loops); the worker stops without it"
         );
     }
+}
+
+/// A worker event (online, heartbeat) with its activity.
+pub(crate) fn worker_event(
+    rt: &Runtime,
+    p: &crate::events::Publisher,
+    kind: EventKind,
+) -> crate::events::Event {
+    let mut e = p.task_free(kind);
+    e.active = Some(rt.dispatch.in_flight());
+    e.processed = Some(rt.counters.processed());
+    e
 }
