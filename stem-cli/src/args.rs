@@ -6,12 +6,15 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-/// Operate a Stem deployment: queues, dead letters, tasks and workers.
+/// Operate a Stem deployment: queues, dead letters, tasks, workers, the
+/// control plane and events.
 #[derive(Debug, Parser)]
 #[command(name = "stem", version, propagate_version = true)]
 pub(crate) struct Cli {
-    /// The broker's URL (`sqlite://path`, `redis://host`, `postgres://...`).
-    /// Required for the queue and dead-letter commands.
+    /// The broker's URL (`sqlite://path`, `redis://host`, `postgres://...`);
+    /// default: the embedded SQLite file every Stem process uses without
+    /// `STEM_BROKER_URL` (`$STEM_SQLITE_PATH`, else
+    /// `~/.local/share/stem/stem.db`).
     #[arg(long, env = "STEM_BROKER_URL", global = true, hide_env_values = true)]
     pub(crate) broker_url: Option<String>,
 
@@ -55,6 +58,49 @@ pub(crate) enum Command {
     Task(TaskCommand),
     /// Workers from their heartbeats, alive and dead.
     Workers,
+    /// Publish a task by name; prints its id (`--wait`: its result).
+    Enqueue(crate::enqueue::EnqueueArgs),
+    /// Ask every live worker to answer (control plane).
+    Ping(crate::control::Addressing),
+    /// Each live worker's counters: uptime, active, prefetched, outcomes.
+    Stats(crate::control::Addressing),
+    /// Tasks the workers run (`active`), hold (`reserved`) or know revoked.
+    Inspect {
+        #[command(flatten)]
+        what: crate::control::InspectArgs,
+        #[command(flatten)]
+        addressing: crate::control::Addressing,
+    },
+    /// Revoke a task: skipped if not started; `--terminate` stops it if it runs.
+    Revoke {
+        #[command(flatten)]
+        task: crate::control::RevokeArgs,
+        #[command(flatten)]
+        addressing: crate::control::Addressing,
+    },
+    /// Ask workers to shut down gracefully (one, or all).
+    Shutdown {
+        #[command(flatten)]
+        which: crate::control::ShutdownArgs,
+        #[command(flatten)]
+        addressing: crate::control::Addressing,
+    },
+    /// Stop consuming a queue without stopping the workers.
+    Pause {
+        #[command(flatten)]
+        queue: crate::control::QueueArg,
+        #[command(flatten)]
+        addressing: crate::control::Addressing,
+    },
+    /// Consume a paused queue again.
+    Resume {
+        #[command(flatten)]
+        queue: crate::control::QueueArg,
+        #[command(flatten)]
+        addressing: crate::control::Addressing,
+    },
+    /// Tail task and worker events (workers need STEM_EVENTS=1).
+    Events(crate::events::EventsArgs),
 }
 
 /// `stem queues`.

@@ -16,32 +16,47 @@ pub(crate) struct Target {
 }
 
 impl Target {
-    fn broker_url(&self) -> Result<&str, CliError> {
-        self.broker_url.as_deref().ok_or_else(|| {
-            CliError::Usage(String::from(
-                "no broker URL: pass --broker-url or set STEM_BROKER_URL",
-            ))
-        })
+    /// `--broker-url`, else the embedded default every Stem process uses
+    /// without `STEM_BROKER_URL` (the SQLite file of the two-terminal
+    /// walkthrough).
+    fn broker_url(&self) -> Result<String, CliError> {
+        link_adapters();
+        match &self.broker_url {
+            Some(url) if !url.trim().is_empty() => Ok(url.clone()),
+            _ => stem::url::embedded_default_url().ok_or_else(|| {
+                CliError::Usage(String::from(
+                    "no broker URL: pass --broker-url or set STEM_BROKER_URL",
+                ))
+            }),
+        }
     }
 
     /// The broker only (queue and dead-letter commands open no backend).
     pub(crate) async fn broker(&self) -> Result<Arc<dyn Broker>, CliError> {
         link_adapters();
-        Ok(stem::client::open_broker(self.broker_url()?, &self.namespace).await?)
+        Ok(stem::client::open_broker(&self.broker_url()?, &self.namespace).await?)
+    }
+
+    /// A client (broker and, when there is one, result backend), for the
+    /// control plane, events and enqueue.
+    pub(crate) async fn client(&self) -> Result<stem::Stem, CliError> {
+        link_adapters();
+        Ok(stem::connect_with(
+            &self.broker_url()?,
+            self.backend_url.as_deref(),
+            &self.namespace,
+        )
+        .await?)
     }
 
     /// The result backend: `--backend-url`, else the broker's own store.
     pub(crate) async fn backend(&self) -> Result<Arc<dyn ResultBackend>, CliError> {
         link_adapters();
         let url = match self.backend_url.as_deref() {
-            Some(u) => u,
-            None => self.broker_url.as_deref().ok_or_else(|| {
-                CliError::Usage(String::from(
-                    "no result backend URL: pass --backend-url (or --broker-url when the broker stores results), or set STEM_RESULT_BACKEND_URL",
-                ))
-            })?,
+            Some(u) => u.to_owned(),
+            None => self.broker_url()?,
         };
-        Ok(stem::client::open_backend(url, &self.namespace).await?)
+        Ok(stem::client::open_backend(&url, &self.namespace).await?)
     }
 }
 

@@ -189,22 +189,24 @@ async fn replay(target: &Target, out: Out, args: &ReplayArgs) -> Result<(), CliE
         .iter()
         .map(|s| task_id(s))
         .collect::<Result<Vec<_>, _>>()?;
-    let broker = target.broker().await?;
-    let dl = dead_letters(&*broker)?;
+    // Through the client: each task's old record is forgotten first, so
+    // its new run is recorded (R8).
+    let stem = target.client().await?;
+    dead_letters(&**stem.broker())?;
     let mut replayed = 0;
     let mut not_found = Vec::new();
     if args.all {
         let bar = spinner(&format!("replaying every dead letter of `{}`", args.queue));
-        let n = dl
-            .replay(&args.queue, Replay::All, args.reset_attempts)
+        let n = stem
+            .replay_dead_letters(&args.queue, Replay::All, args.reset_attempts)
             .await;
         bar.finish_and_clear();
         replayed = n?;
     } else {
         let bar = progress(ids.len() as u64, "replaying");
         for id in &ids {
-            let n = dl
-                .replay(&args.queue, Replay::One(*id), args.reset_attempts)
+            let n = stem
+                .replay_dead_letters(&args.queue, Replay::One(*id), args.reset_attempts)
                 .await;
             let n = match n {
                 Ok(n) => n,

@@ -8,8 +8,11 @@
 
 mod args;
 mod connect;
+mod control;
 mod dlq;
+mod enqueue;
 mod error;
+mod events;
 mod output;
 mod purge;
 mod queues;
@@ -23,6 +26,7 @@ use clap::Parser;
 
 use crate::args::{Cli, Command};
 use crate::connect::Target;
+use crate::control::Ask;
 use crate::error::CliError;
 use crate::output::Out;
 
@@ -66,5 +70,24 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Purge(args) => purge::run(&target, out, args).await,
         Command::Task(cmd) => task::run(&target, out, cmd).await,
         Command::Workers => workers::run(&target, out).await,
+        Command::Enqueue(args) => enqueue::run(&target, out, args).await,
+        Command::Ping(a) => control::run(&target, out, a, Ask::Ping).await,
+        Command::Stats(a) => control::run(&target, out, a, Ask::Stats).await,
+        Command::Inspect { what, addressing } => {
+            control::run(&target, out, addressing, Ask::Inspect(what)).await
+        }
+        Command::Revoke { task, addressing } => {
+            control::run(&target, out, addressing, Ask::Revoke(task)).await
+        }
+        Command::Shutdown { which, addressing } => {
+            control::run(&target, out, addressing, Ask::Shutdown(which)).await
+        }
+        Command::Pause { queue, addressing } => {
+            control::run(&target, out, addressing, Ask::Pause(queue)).await
+        }
+        Command::Resume { queue, addressing } => {
+            control::run(&target, out, addressing, Ask::Resume(queue)).await
+        }
+        Command::Events(args) => events::run(&target, out, args).await,
     }
 }
