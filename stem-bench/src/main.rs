@@ -131,6 +131,10 @@ struct Cli {
     /// One JSON object per scenario, one per line, instead of a table.
     #[arg(long)]
     json: bool,
+    /// Turn task events on in the workers (in-process drain and latency
+    /// also run one subscriber that counts them).
+    #[arg(long)]
+    events: bool,
     /// Longest wait for one scenario's tasks to finish.
     #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -192,6 +196,7 @@ async fn run(cli: Cli) -> Res<bool> {
         concurrency: cli.concurrency,
         prefetch: cli.prefetch,
         poll_interval: cli.poll_interval,
+        events: cli.events,
     };
     if let Some(out) = &cli.internal_worker {
         let ns = cli.internal_namespace.as_deref().unwrap_or_default();

@@ -134,6 +134,32 @@ impl Bench {
         }
     }
 
+    /// With events on, a subscriber that counts them (its CPU is in this
+    /// process's figure).
+    async fn count_events(
+        &self,
+        client: &Stem,
+    ) -> Res<
+        Option<(
+            Arc<std::sync::atomic::AtomicU64>,
+            tokio::task::JoinHandle<()>,
+        )>,
+    > {
+        if !self.worker.events {
+            return Ok(None);
+        }
+        let mut stream = client.events().await?;
+        let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = Arc::clone(&count);
+        let task = tokio::spawn(async move {
+            use futures::StreamExt as _;
+            while stream.next().await.is_some() {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        Ok(Some((count, task)))
+    }
+
     /// Runs one scenario and reports on it.
     pub(crate) async fn run(&self, s: Scenario) -> Res<Report> {
         let ns = self.namespace(s);
@@ -384,6 +410,7 @@ impl Bench {
         )];
         if self.worker_processes == 0 {
             let recorder = Arc::new(Recorder::counting(n));
+            let subscriber = self.count_events(client).await?;
             let cpu0 = sys::cpu_seconds("self")?;
             let t0 = Instant::now();
             let t0_wall = Utc::now();
@@ -410,6 +437,13 @@ impl Bench {
                 "timed from Worker::start; worker report: {report:?}; shutdown + join of the idle worker took {:.0} ms (untimed)",
                 t_stop.elapsed().as_secs_f64() * 1e3
             ));
+            if let Some((count, task)) = subscriber {
+                task.abort();
+                notes.push(format!(
+                    "task events on; one subscriber in this process received {} events",
+                    count.load(std::sync::atomic::Ordering::Relaxed)
+                ));
+            }
             Ok(Measured {
                 tasks: n,
                 elapsed,

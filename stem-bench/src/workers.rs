@@ -26,6 +26,8 @@ pub(crate) struct WorkerSettings {
     pub(crate) prefetch: Option<usize>,
     /// Longest wait per fetch (`None`: the runtime's default).
     pub(crate) poll_interval: Option<Duration>,
+    /// Task events on.
+    pub(crate) events: bool,
 }
 
 /// A worker builder on `client` consuming the bench queue, with `probe` as state.
@@ -43,6 +45,9 @@ pub(crate) fn builder(client: &Stem, probe: Probe, settings: &WorkerSettings) ->
     }
     if let Some(d) = settings.poll_interval {
         b = b.poll_interval(d);
+    }
+    if settings.events {
+        b = b.events(true);
     }
     b
 }
