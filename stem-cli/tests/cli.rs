@@ -635,6 +635,20 @@ fn bad_usage_and_unreachable_servers_get_one_line() {
         .stdin(Stdio::null());
     assert_eq!(raw(cmd).ok().json(), serde_json::json!([]));
     assert!(embedded.exists(), "the embedded default was opened");
+    // Arguments that are not a JSON object, and a name nobody runs.
+    stem_at(
+        &db.url,
+        &db.ns,
+        &["enqueue", "x::y", "--args", "[1]", "--queue", "q"],
+    )
+    .fails_with(2, "must be a JSON object");
+    stem_at(&db.url, &db.ns, &["enqueue", "x::y", "--args", "{"]).fails_with(2, "not JSON");
+    stem_at(
+        &db.url,
+        &db.ns,
+        &["enqueue", "nobody::runs_this", "--args", "{}"],
+    )
+    .fails_with(1, "unknown task `nobody::runs_this`");
     // An unknown scheme.
     stem_at("nats://user:hunter2@127.0.0.1:1", &db.ns, &["queues"]).fails_with(1, "nats");
     // A server that is not there: the password never printed.
