@@ -7,8 +7,9 @@
 //! task sends them in batches (one broadcast message per batch, at most
 //! every [`FLUSH_EVERY`]) on the namespace's channel [`EVENTS_CHANNEL`].
 //! Events are for watching, not for bookkeeping: a batch that cannot be
-//! sent is dropped with a warning, and a subscriber hears only what is
-//! sent while it listens.
+//! sent is dropped with a warning, at most [`MAX_QUEUED`] events wait
+//! unsent (more are dropped and counted in a warning), and a subscriber
+//! hears only what is sent while it listens.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), stem_core::StemError> {
@@ -23,6 +24,7 @@
 //! ```
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -49,6 +51,11 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(50);
 
 /// Most events in one broadcast message.
 const MAX_BATCH: usize = 500;
+
+/// Most events a process holds unsent; past it new events are dropped
+/// (and counted in a warning) rather than growing memory without bound
+/// while the broker is slow or away.
+pub const MAX_QUEUED: usize = 100_000;
 
 /// What happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -220,6 +227,15 @@ enum Msg {
 pub(crate) struct Publisher {
     tx: mpsc::UnboundedSender<Msg>,
     source: Arc<str>,
+    /// Events queued and not yet taken by the sender, and events dropped
+    /// because [`MAX_QUEUED`] were.
+    load: Arc<Load>,
+}
+
+#[derive(Default)]
+struct Load {
+    queued: AtomicUsize,
+    dropped: AtomicU64,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -234,10 +250,12 @@ impl Publisher {
     /// Starts the sender task (needs a Tokio runtime).
     pub(crate) fn start(broker: Arc<dyn crate::broker::Broker>, source: &str) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(send_loop(broker, rx));
+        let load = Arc::new(Load::default());
+        tokio::spawn(send_loop(broker, rx, Arc::clone(&load)));
         Self {
             tx,
             source: Arc::from(source),
+            load,
         }
     }
 
@@ -246,9 +264,16 @@ impl Publisher {
         &self.source
     }
 
-    /// Queues an event (never waits).
+    /// Queues an event (never waits); drops it when [`MAX_QUEUED`] wait.
     pub(crate) fn emit(&self, event: Event) {
-        let _ = self.tx.send(Msg::Event(Box::new(event)));
+        if self.load.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED {
+            self.load.queued.fetch_sub(1, Ordering::Relaxed);
+            self.load.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if self.tx.send(Msg::Event(Box::new(event))).is_err() {
+            self.load.queued.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// An event of this publisher without a task.
@@ -270,10 +295,21 @@ impl Publisher {
     }
 }
 
-async fn send_loop(broker: Arc<dyn crate::broker::Broker>, mut rx: mpsc::UnboundedReceiver<Msg>) {
+async fn send_loop(
+    broker: Arc<dyn crate::broker::Broker>,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    load: Arc<Load>,
+) {
     let mut batch = Vec::new();
     let mut waiters = Vec::new();
     let mut warned = false;
+    let take = |m: Msg, batch: &mut Vec<Event>, waiters: &mut Vec<oneshot::Sender<()>>| match m {
+        Msg::Event(e) => {
+            load.queued.fetch_sub(1, Ordering::Relaxed);
+            batch.push(*e);
+        }
+        Msg::Flush(w) => waiters.push(w),
+    };
     while let Some(first) = rx.recv().await {
         take(first, &mut batch, &mut waiters);
         // Gather what comes within the flush period, unless asked to flush.
@@ -302,16 +338,17 @@ async fn send_loop(broker: Arc<dyn crate::broker::Broker>, mut rx: mpsc::Unbound
             send(&*broker, chunk, &mut warned).await;
         }
         batch.clear();
+        let dropped = load.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                limit = MAX_QUEUED,
+                "task events dropped: more were waiting to be sent than the limit (the broker is slow or away; events are best effort)"
+            );
+        }
         for w in waiters.drain(..) {
             let _ = w.send(());
         }
-    }
-}
-
-fn take(m: Msg, batch: &mut Vec<Event>, waiters: &mut Vec<oneshot::Sender<()>>) {
-    match m {
-        Msg::Event(e) => batch.push(*e),
-        Msg::Flush(w) => waiters.push(w),
     }
 }
 
@@ -392,6 +429,21 @@ mod tests {
         assert_eq!(json["reason"], "retries exhausted");
         assert!(json.get("task_id").is_none());
         assert_eq!(EventKind::DeadLettered.name(), "dead_lettered");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_publisher_holds_at_most_max_queued_events() {
+        let broker: Arc<dyn crate::broker::Broker> = Arc::new(crate::memory::InMemoryBroker::new());
+        let p = Publisher::start(broker, "w");
+        // The sender task cannot run before this test yields.
+        for _ in 0..MAX_QUEUED + 10 {
+            p.emit(p.task_free(EventKind::WorkerHeartbeat));
+        }
+        assert_eq!(p.load.queued.load(Ordering::Relaxed), MAX_QUEUED);
+        assert_eq!(p.load.dropped.load(Ordering::Relaxed), 10);
+        p.flush().await;
+        assert_eq!(p.load.queued.load(Ordering::Relaxed), 0, "all taken");
+        assert_eq!(p.load.dropped.load(Ordering::Relaxed), 0, "reported");
     }
 
     #[test]
