@@ -5,6 +5,7 @@ pub mod e2e_tasks;
 pub mod ledger;
 pub mod postgres;
 pub mod process;
+pub mod redis_server;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

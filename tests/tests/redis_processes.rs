@@ -11,8 +11,7 @@
 //! fails.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,6 +19,7 @@ use std::time::{Duration, Instant};
 use stem_tests::e2e_tasks::{ledger_noop, ledger_slow};
 use stem_tests::ledger::{self, LEDGER_VAR};
 use stem_tests::process::Proc;
+use stem_tests::redis_server::RedisServer;
 
 /// Whether `redis-server` and `redis-cli` can run here. When they cannot,
 /// prints a SKIP line to the real stderr (libtest captures `eprintln!`)
@@ -51,133 +51,23 @@ fn say(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-/// A free loopback port: bind port 0 and let it go.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind port 0")
-        .local_addr()
-        .expect("local addr")
-        .port()
-}
-
-/// A `redis-server` of one test, on a loopback port of its own, keeping
-/// its files in `dir`; killed when dropped.
-struct RedisServer {
-    proc: Option<Proc>,
-    port: u16,
-    dir: PathBuf,
-    args: Vec<String>,
-}
-
-impl RedisServer {
-    /// Starts a server with `args` on a free port (another free port if
-    /// the first is taken meanwhile).
-    fn start(dir: &Path, args: &[&str]) -> Self {
-        let mut last = String::new();
-        for _ in 0..5 {
-            let mut s = Self {
-                proc: None,
-                port: free_port(),
-                dir: dir.to_owned(),
-                args: args.iter().map(|a| (*a).to_owned()).collect(),
-            };
-            match s.spawn() {
-                Ok(()) => return s,
-                Err(e) => last = e,
+/// `XINFO CONSUMERS` of the `stem` group of `stream` on `server`: each
+/// consumer's fields by name.
+fn consumers(server: &RedisServer, stream: &str) -> Vec<HashMap<String, String>> {
+    let out = server.cli(&["XINFO", "CONSUMERS", stream, "stem"]);
+    let lines: Vec<&str> = out.lines().collect();
+    let mut all: Vec<HashMap<String, String>> = Vec::new();
+    for pair in lines.chunks(2) {
+        if let [k, v] = pair {
+            if *k == "name" {
+                all.push(HashMap::new());
+            }
+            if let Some(c) = all.last_mut() {
+                c.insert((*k).to_owned(), (*v).to_owned());
             }
         }
-        panic!("redis-server did not start: {last}");
     }
-
-    fn spawn(&mut self) -> Result<(), String> {
-        let log = self.dir.join("redis.log");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("--logfile")
-            .arg(&log)
-            .args(["--daemonize", "no", "--save", ""])
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("spawning redis-server: {e}"))?;
-        let mut proc = Proc(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = proc.0.try_wait().expect("wait") {
-                let log = std::fs::read_to_string(&log).unwrap_or_default();
-                return Err(format!("redis-server exited with {status}: {log}"));
-            }
-            if self.pong() {
-                self.proc = Some(proc);
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(String::from("no PONG within 30 s"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// `PING` answers `PONG` (not `-LOADING`: the AOF is loaded).
-    fn pong(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut buf = [0u8; 64];
-        s.write_all(b"PING\r\n").is_ok()
-            && s.read(&mut buf)
-                .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// SIGKILL: no shutdown, nothing flushed beyond what the OS has.
-    fn kill(&mut self) {
-        drop(self.proc.take());
-    }
-
-    /// Starts it again on the same port and directory (AOF reload).
-    fn restart(&mut self) {
-        assert!(self.proc.is_none(), "kill it first");
-        self.spawn()
-            .unwrap_or_else(|e| panic!("restart on port {}: {e}", self.port));
-    }
-
-    /// `redis-cli` on this server; its raw output (one value per line).
-    fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
-        assert!(out.status.success(), "redis-cli {args:?} failed");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// `XINFO CONSUMERS` of the `stem` group of `stream`: each consumer's
-    /// fields by name.
-    fn consumers(&self, stream: &str) -> Vec<HashMap<String, String>> {
-        let out = self.cli(&["XINFO", "CONSUMERS", stream, "stem"]);
-        let lines: Vec<&str> = out.lines().collect();
-        let mut all: Vec<HashMap<String, String>> = Vec::new();
-        for pair in lines.chunks(2) {
-            if let [k, v] = pair {
-                if *k == "name" {
-                    all.push(HashMap::new());
-                }
-                if let Some(c) = all.last_mut() {
-                    c.insert((*k).to_owned(), (*v).to_owned());
-                }
-            }
-        }
-        all
-    }
+    all
 }
 
 /// The stream of priority 0 of `queue` in namespace `stem`.
@@ -442,8 +332,7 @@ async fn kill_a_worker_mid_task(test: &str, check_maintain: bool) {
         // A is idle past the limit but still holds the victim: it stays.
         tokio::time::sleep(Duration::from_millis(1200)).await;
         janitor.maintain().await.unwrap();
-        let a: Vec<_> = server
-            .consumers(&slow)
+        let a: Vec<_> = consumers(&server, &slow)
             .into_iter()
             .filter(|c| c.get("name").map(String::as_str) == Some("worker-a"))
             .collect();
@@ -522,7 +411,7 @@ async fn kill_a_worker_mid_task(test: &str, check_maintain: bool) {
     if check_maintain {
         // A has nothing pending now: the next housekeeping removes it.
         let names = |s: &RedisServer| -> Vec<String> {
-            s.consumers(&slow)
+            consumers(s, &slow)
                 .into_iter()
                 .filter_map(|c| c.get("name").cloned())
                 .collect()
@@ -538,7 +427,7 @@ async fn kill_a_worker_mid_task(test: &str, check_maintain: bool) {
             assert!(
                 Instant::now() < deadline,
                 "maintain never removed A's consumer: {:?}",
-                server.consumers(&slow)
+                consumers(&server, &slow)
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

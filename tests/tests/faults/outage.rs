@@ -39,8 +39,6 @@
 //! tasks published after the outage ran exactly once.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -53,6 +51,7 @@ use stem_tests::e2e_tasks::ledger_fault;
 use stem_tests::ledger::{self, LEDGER_VAR, Run};
 use stem_tests::postgres::{self, DropSchema};
 use stem_tests::process::Proc;
+use stem_tests::redis_server::{RedisServer, free_port};
 
 use crate::support::{DeleteRedisNamespace, QUEUE, Rng, Target, say};
 
@@ -193,96 +192,6 @@ async fn redis_outage_result_backend() {
         gaps.iter().filter(|g| g.answer.is_ok()).count(),
     ));
     v.assert_clean(test, &problems);
-}
-
-/// A `redis-server` of one test, on a loopback port of its own, keeping
-/// its files in `dir`; killed when dropped.
-struct RedisServer {
-    proc: Option<Proc>,
-    port: u16,
-    dir: PathBuf,
-    args: Vec<String>,
-}
-
-impl RedisServer {
-    /// Starts a server with `args` on a free port (another free port if
-    /// the first is taken meanwhile).
-    fn start(dir: &Path, args: &[&str]) -> Self {
-        let mut last = String::new();
-        for _ in 0..5 {
-            let mut s = Self {
-                proc: None,
-                port: free_port(),
-                dir: dir.to_owned(),
-                args: args.iter().map(|a| (*a).to_owned()).collect(),
-            };
-            match s.spawn() {
-                Ok(()) => return s,
-                Err(e) => last = e,
-            }
-        }
-        panic!("redis-server did not start: {last}");
-    }
-
-    fn spawn(&mut self) -> Result<(), String> {
-        let log = self.dir.join("redis.log");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("--logfile")
-            .arg(&log)
-            .args(["--daemonize", "no", "--save", ""])
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("spawning redis-server: {e}"))?;
-        let mut proc = Proc(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = proc.0.try_wait().expect("wait") {
-                let log = std::fs::read_to_string(&log).unwrap_or_default();
-                return Err(format!("redis-server exited with {status}: {log}"));
-            }
-            if self.pong() {
-                self.proc = Some(proc);
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(String::from("no PONG within 30 s"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// `PING` answers `PONG` (not `-LOADING`: the AOF is loaded).
-    fn pong(&self) -> bool {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut buf = [0u8; 64];
-        s.write_all(b"PING\r\n").is_ok()
-            && s.read(&mut buf)
-                .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// SIGKILL: no shutdown, nothing written beyond what the AOF has.
-    fn kill(&mut self) {
-        drop(self.proc.take());
-    }
-
-    /// Starts it again on the same port and directory (AOF reload).
-    fn restart(&mut self) {
-        assert!(self.proc.is_none(), "kill it first");
-        self.spawn()
-            .unwrap_or_else(|e| panic!("restart on port {}: {e}", self.port));
-    }
 }
 
 // ------------------------------------------------------------- Postgres
@@ -1347,15 +1256,6 @@ fn temp_dir(adapter: &str) -> tempfile::TempDir {
         .prefix(&format!("stem-faults-outage-{adapter}-"))
         .tempdir()
         .expect("temp dir")
-}
-
-/// A free loopback port: bind port 0 and let it go.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind port 0")
-        .local_addr()
-        .expect("local addr")
-        .port()
 }
 
 /// A command's stdout.
