@@ -11,7 +11,7 @@ use stem::{EnqueueOptions, Published, StemError, TaskId, TaskState};
 
 use crate::connect::Target;
 use crate::error::CliError;
-use crate::output::{Out, fields};
+use crate::output::{Out, fields, result_value};
 
 /// `stem enqueue`.
 #[derive(Debug, Args)]
@@ -108,10 +108,7 @@ pub(crate) async fn run(target: &Target, out: Out, args: &EnqueueArgs) -> Result
         shown.state = Some(record.state.name());
         match record.state {
             TaskState::Succeeded { result } => {
-                shown.result = Some(
-                    serde_json::from_str(result.get())
-                        .unwrap_or_else(|_| serde_json::Value::String(result.get().to_owned())),
-                );
+                shown.result = Some(result_value(&result));
             }
             TaskState::Failed { error } => {
                 shown.error = Some(error.to_string());

@@ -128,6 +128,13 @@ impl Table {
     }
 }
 
+/// A task's stored JSON result as a value for output (the raw text as a
+/// string in the one case it is not JSON: a record written by hand).
+pub(crate) fn result_value(result: &serde_json::value::RawValue) -> serde_json::Value {
+    serde_json::from_str(result.get())
+        .unwrap_or_else(|_| serde_json::Value::String(result.get().to_owned()))
+}
+
 /// `key: value` lines, keys padded to one width.
 pub(crate) fn fields(pairs: &[(&str, String)]) -> String {
     let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);

@@ -9,7 +9,7 @@ use stem::{TaskFailure, TaskId, TaskRecord, TaskState};
 use crate::args::TaskCommand;
 use crate::connect::{Target, task_id};
 use crate::error::CliError;
-use crate::output::{Out, fields, when};
+use crate::output::{Out, fields, result_value, when};
 
 pub(crate) async fn run(target: &Target, out: Out, cmd: &TaskCommand) -> Result<(), CliError> {
     match cmd {
@@ -49,14 +49,7 @@ struct Shown {
 impl From<&TaskRecord> for Shown {
     fn from(r: &TaskRecord) -> Self {
         let (result, error, next_at) = match &r.state {
-            TaskState::Succeeded { result } => (
-                Some(
-                    serde_json::from_str(result.get())
-                        .unwrap_or_else(|_| serde_json::Value::String(result.get().to_owned())),
-                ),
-                None,
-                None,
-            ),
+            TaskState::Succeeded { result } => (Some(result_value(result)), None, None),
             TaskState::Failed { error } => (None, Some(error.clone()), None),
             TaskState::Retrying { next_at, error } => (None, Some(error.clone()), Some(*next_at)),
             _ => (None, None, None),

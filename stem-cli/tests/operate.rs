@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use stem::TaskId;
-use support::{assert_shape, say, server_url, stem_at};
+use support::{assert_shape, say, server_url, stem_at, stem_at_env};
 
 // ---------------------------------------------------------------- tasks
 
@@ -228,9 +228,11 @@ fn operate(url: &str, ns: &str) {
 
     // enqueue by name (the CLI links no task: the workers advertise it),
     // --wait prints the typed result.
+    // With STEM_EVENTS=1, so the CLI's own publish sends `sent`.
     let doc = stem_at_env(
         url,
         ns,
+        &[("STEM_EVENTS", "1")],
         &[
             "enqueue",
             op_add::NAME,
@@ -557,23 +559,6 @@ fn operate(url: &str, ns: &str) {
         stem::url::redact(url),
         started.elapsed().as_secs_f64()
     ));
-}
-
-/// `stem_at` with `STEM_EVENTS=1`, so the CLI's own publishes send `sent`.
-fn stem_at_env(url: &str, ns: &str, args: &[&str]) -> support::Run {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stem"));
-    for var in [
-        "STEM_BROKER_URL",
-        "STEM_RESULT_BACKEND_URL",
-        "STEM_NAMESPACE",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("STEM_EVENTS", "1")
-        .args(["--broker-url", url, "--namespace", ns])
-        .args(args)
-        .stdin(Stdio::null());
-    support::raw(cmd)
 }
 
 fn namespace() -> String {

@@ -81,6 +81,11 @@ impl Run {
 /// Runs `stem --broker-url URL --namespace NS ARGS...` with stdin closed
 /// (not a terminal) and no `STEM_*` variable of the caller's.
 pub(crate) fn stem_at(url: &str, ns: &str, args: &[&str]) -> Run {
+    stem_at_env(url, ns, &[], args)
+}
+
+/// [`stem_at`] with these variables set.
+pub(crate) fn stem_at_env(url: &str, ns: &str, env: &[(&str, &str)], args: &[&str]) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stem"));
     for var in [
         "STEM_BROKER_URL",
@@ -89,7 +94,8 @@ pub(crate) fn stem_at(url: &str, ns: &str, args: &[&str]) -> Run {
     ] {
         cmd.env_remove(var);
     }
-    cmd.args(["--broker-url", url, "--namespace", ns])
+    cmd.envs(env.iter().copied())
+        .args(["--broker-url", url, "--namespace", ns])
         .args(args)
         .stdin(Stdio::null());
     raw(cmd)
